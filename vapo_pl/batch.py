@@ -1,0 +1,68 @@
+"""The typed batch that flows from the rollout DataModule to the module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """One RL step's worth of generated samples, padded to a common shape.
+
+    Layout: prompts are left-padded to width ``P``, responses right-padded to width ``T``, and
+    ``input_ids = cat(prompt, response)`` so that the response logits are a single slice.
+    ``B`` counts samples (prompts x samples per prompt).
+    """
+
+    input_ids: Tensor  # (B, P + T) long, prompt left-padded then response right-padded
+    attention_mask: Tensor  # (B, P + T) long, 1 on real prompt and response tokens
+    response_mask: Tensor  # (B, T) bool, True on response tokens (EOS included)
+    rollout_logprobs: Tensor  # (B, T) float, the sampler's log-probabilities (0 on padding)
+    scores: Tensor  # (B,) float, total sequence reward (sum of the reward terms)
+    correct: Tensor  # (B,) bool, verifier says correct (drives accuracy and the positive-example NLL)
+    lengths: Tensor  # (B,) long, response length in tokens
+    truncated: Tensor  # (B,) bool, stopped by max_tokens rather than EOS
+    group_index: Tensor  # (B,) long, which prompt of this batch the sample answers
+    weight_version: int  # policy version (number of weight syncs) that generated the batch
+    reward_terms: dict[str, Tensor] = field(default_factory=dict)  # name -> (B,) float
+    baseline_scores: Tensor | None = None  # (B,) float, ReMax: score of the greedy response
+    metadata: list[dict[str, Any]] = field(default_factory=list)  # per sample: prompt, response, answer...
+    stats: dict[str, float] = field(default_factory=dict)  # rollout-side metrics (dropped prompts, kept share...)
+
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    @property
+    def responses(self) -> Tensor:  # (B, T)
+        return self.input_ids[:, self.prompt_width :]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                moved[f.name] = v.to(device, non_blocking=True)
+            elif f.name == "reward_terms":
+                moved[f.name] = {k: t.to(device, non_blocking=True) for k, t in v.items()}
+        return replace(self, **moved)
+
+    def select(self, index: Tensor) -> RolloutBatch:
+        """Rows ``index`` (a (b,) long tensor), e.g. one minibatch; metadata follows."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v[index]
+            elif f.name == "reward_terms":
+                out[f.name] = {k: t[index] for k, t in v.items()}
+            elif f.name == "metadata" and v:
+                out[f.name] = [v[i] for i in index.tolist()]
+        return replace(self, **out)
