@@ -1,0 +1,58 @@
+"""The value model: a transformer backbone plus a scalar head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+class ValueModel(nn.Module):
+    """``V(s_t)`` for every position: backbone hidden states through a ``Linear(hidden, 1)`` head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = head
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        init: Literal["base", "reward_model"] = "base",
+        torch_dtype: torch.dtype | None = None,
+    ) -> ValueModel:
+        """``init="base"``: a causal-LM (or bare) checkpoint's backbone with a zero-initialised head, so the
+        first values are 0. ``init="reward_model"``: a sequence-classification checkpoint (``num_labels=1``),
+        whose score head becomes the value head (the paper's vanilla PPO setting)."""
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        if init == "reward_model":
+            rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
+            backbone = getattr(rm, rm.base_model_prefix)
+            head = rm.score
+            if head.bias is None:
+                new = nn.Linear(head.in_features, 1, bias=True, dtype=head.weight.dtype)
+                with torch.no_grad():
+                    new.weight.copy_(head.weight)
+                    new.bias.zero_()
+                head = new
+            return cls(backbone, head)
+        if init != "base":
+            raise ValueError(f"critic init must be 'base' or 'reward_model', got {init!r}")
+        backbone = AutoModel.from_pretrained(path, dtype=torch_dtype)
+        head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return cls(backbone, head)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """(B, L) ids -> (B, L) values (float32)."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable()

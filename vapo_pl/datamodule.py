@@ -1,0 +1,518 @@
+"""The rollout DataModule: prompts in, freshly generated and scored ``RolloutBatch``es out.
+
+Strictly on-policy. Lightning's default fetcher prefetches one batch ahead, which would make a rollout
+generated inside the dataset one update stale. ``VAPOModule.training_step`` therefore takes
+``dataloader_iter`` (Lightning then does not prefetch) and pulls the batch itself, so generation for
+step ``k`` happens inside step ``k``, after the weights of update ``k-1`` were synced to the engine.
+Every batch records the engine's ``weight_version`` and the module checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, IterableDataset
+
+from vapo_pl.batch import RolloutBatch
+from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
+from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm
+from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Rollout engine options (vLLM's names where they exist)."""
+
+    kind: Literal["vllm", "hf"] = "vllm"  # "hf" = transformers generate, for machines without vLLM
+    dtype: str = "auto"  # "float32" on CPU, "bfloat16" on GPU
+    max_model_len: int | None = None  # default: max_prompt_length + max_response_length
+    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (weights + KV cache)
+    kv_cache_space_gb: float = 1.0  # CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = True  # GPU only: free vLLM's memory while the trainer updates
+    enforce_eager: bool = False  # disable CUDA graphs
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_space_gb <= 0:
+            raise ValueError(f"engine.kv_cache_space_gb must be > 0, got {self.kv_cache_space_gb}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed that depends on every part (base seed, rank, step, round...)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ranks_max(x: int) -> int:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([x], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return x
+
+
+class _RolloutStream(IterableDataset):
+    """Yields one ``RolloutBatch`` per RL step; generation happens when the batch is requested."""
+
+    def __init__(self, dm: RolloutDataModule) -> None:
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        while True:
+            batch = self.dm.next_batch()
+            if batch is None:  # this rank's shard is exhausted: the epoch ends
+                self.dm.start_new_epoch()
+                return
+            yield batch
+
+
+class RolloutDataModule(pl.LightningDataModule):
+    """Prompts from files, rollouts from a vLLM (or transformers) engine, rewards from a verifier.
+
+    Args:
+        train_files: jsonl / parquet files or ``save_to_disk`` directories of training prompts.
+        val_files: held-out prompts for the ``Evaluation`` callback.
+        prompt_key: row field holding the question.
+        answer_key: row field holding the gold answer; ``None`` for unlabeled data (TTRL).
+        answer_after: keep only the text after this marker in the answer (``"####"`` for GSM8K).
+        template: ``"chat"`` (the tokenizer's chat template) or a format string with ``{prompt}``.
+        max_prompt_length: prompts longer than this (in tokens) are dropped and counted.
+        max_response_length: generation cap; hitting it marks the sample truncated.
+        prompts_per_step: prompts per RL step over all ranks (the paper: 512); divided among ranks.
+        samples_per_prompt: group size G (the paper: 16).
+        temperature: sampling temperature of training rollouts; the trainer's log-probs use the same.
+        top_p: must be 1.0 for training rollouts (the trainer does not replicate the mask).
+        top_k: must be -1 for training rollouts, for the same reason.
+        dynamic_sampling: DAPO: drop groups whose rewards are all equal and sample more prompts.
+        max_sampling_rounds: cap on generation rounds per step under dynamic sampling.
+        reward: reward terms, summed with their weights (``name`` is a registry name or import path).
+        engine: rollout engine options.
+        model_path: policy checkpoint for the engine; default: the module's ``model_path``.
+        greedy_baseline: also decode each prompt greedily and return its score (ReMax); the module
+            turns it on when its estimator is ``remax``.
+        shuffle: reshuffle prompts every epoch.
+        seed: base seed for shuffling and sampling (each rank and step derive their own).
+    """
+
+    def __init__(
+        self,
+        train_files: str | list[str],
+        val_files: str | list[str] | None = None,
+        prompt_key: str = "prompt",
+        answer_key: str | None = "answer",
+        answer_after: str | None = None,
+        template: str = "chat",
+        max_prompt_length: int = 512,
+        max_response_length: int = 1024,
+        prompts_per_step: int = 8,
+        samples_per_prompt: int = 4,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 3,
+        reward: list[RewardTerm] | None = None,
+        engine: EngineConfig | None = None,
+        model_path: str | None = None,
+        greedy_baseline: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value, lo in (
+            ("max_prompt_length", max_prompt_length, 1),
+            ("max_response_length", max_response_length, 1),
+            ("prompts_per_step", prompts_per_step, 1),
+            ("samples_per_prompt", samples_per_prompt, 1),
+            ("max_sampling_rounds", max_sampling_rounds, 1),
+        ):
+            if value < lo:
+                raise ValueError(f"data.{name} must be >= {lo}, got {value}")
+        if temperature <= 0:
+            raise ValueError(f"data.temperature must be > 0 for training rollouts, got {temperature}")
+        if top_p != 1.0 or top_k != -1:
+            raise ValueError(
+                "data.top_p/top_k: training rollouts must sample from the full distribution (top_p=1, "
+                "top_k=-1) because the trainer's log-probs do not apply the same mask; use them only in "
+                "evaluation sampling"
+            )
+        if template != "chat" and "{prompt}" not in template:
+            raise ValueError(f"data.template must be 'chat' or contain '{{prompt}}', got {template!r}")
+        self.train_files = train_files
+        self.val_files = val_files
+        self.prompt_key, self.answer_key, self.answer_after = prompt_key, answer_key, answer_after
+        self.template = template
+        self.max_prompt_length = max_prompt_length
+        self.max_response_length = max_response_length
+        self.prompts_per_step = prompts_per_step
+        self.samples_per_prompt = samples_per_prompt
+        self.temperature = temperature
+        self.dynamic_sampling = dynamic_sampling
+        self.max_sampling_rounds = max_sampling_rounds
+        self.reward_terms = reward if reward is not None else [RewardTerm(name="math_verify")]
+        self.reward_fn = CompositeReward(self.reward_terms)
+        self.engine_config = engine or EngineConfig()
+        self.model_path = model_path
+        self.greedy_baseline = greedy_baseline
+        self.shuffle = shuffle
+        self.seed = seed
+
+        self.tokenizer = None
+        self.engine: RolloutEngine | None = None
+        self._shared_actor = None
+        self._module = None  # the LightningModule, for its build_prompt / compute_reward hooks
+        self.train_records: list[PromptRecord] = []
+        self.train_prompt_ids: list[list[int]] = []
+        self.val_records: list[PromptRecord] = []
+        self.val_prompt_ids: list[list[int]] = []
+        self.dropped_prompts = 0
+        # data position: epoch and how many of this rank's shard have been consumed in it
+        self.epoch = 0
+        self.cursor = 0
+        self.batches_served = 0
+
+    # ----------------------------------------------------------------- wiring
+    def connect(self, module: pl.LightningModule, actor: torch.nn.Module | None = None) -> None:
+        """Take from the module what the DataModule cannot know at construction: the policy path, the
+        prompt and reward hooks, whether the estimator needs greedy baselines, and (for the ``hf`` engine)
+        the actor to generate with."""
+        if self.model_path is None:
+            self.model_path = getattr(module, "model_path", None)
+        self._module = module
+        self.greedy_baseline = self.greedy_baseline or bool(getattr(module, "needs_greedy_baseline", False))
+        if actor is not None:
+            self._shared_actor = actor
+
+    @property
+    def rank(self) -> int:
+        return _world()[0]
+
+    @property
+    def world_size(self) -> int:
+        return _world()[1]
+
+    @property
+    def prompts_per_rank(self) -> int:
+        world = self.world_size
+        if self.prompts_per_step % world:
+            raise ValueError(
+                f"data.prompts_per_step={self.prompts_per_step} is not divisible by the {world} ranks"
+            )
+        return self.prompts_per_step // world
+
+    def _load_tokenizer(self):
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from vapo_pl.checks import require_model_dir
+
+            self.tokenizer = AutoTokenizer.from_pretrained(require_model_dir(self.model_path, "data.model_path"))
+        return self.tokenizer
+
+    def _tokenize(self, records: list[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
+        tok = self._load_tokenizer()
+        if self._module is not None and hasattr(self._module, "build_prompt"):
+            texts = [self._module.build_prompt(r, tok, self.template) for r in records]
+        else:
+            texts = [render_prompt(tok, r.prompt, self.template) for r in records]
+        ids = tok(texts, add_special_tokens=self.template != "chat")["input_ids"]
+        kept = [(r, i) for r, i in zip(records, ids) if len(i) <= self.max_prompt_length]
+        dropped = len(records) - len(kept)
+        return [r for r, _ in kept], [i for _, i in kept], dropped
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_prompt_ids:
+            return
+        if self.trainer is not None and self.trainer.lightning_module is not None and self._module is None:
+            self.connect(self.trainer.lightning_module)
+        records = load_prompts(self.train_files, self.prompt_key, self.answer_key, self.answer_after)
+        self.train_records, self.train_prompt_ids, self.dropped_prompts = self._tokenize(records)
+        if self.dropped_prompts:
+            log.warning("dropped %d prompts longer than max_prompt_length=%d", self.dropped_prompts,
+                        self.max_prompt_length)
+        if not self.train_prompt_ids:
+            raise ValueError(f"data.max_prompt_length={self.max_prompt_length}: every training prompt is longer")
+        if len(self.train_prompt_ids) < self.prompts_per_step:
+            raise ValueError(
+                f"data.prompts_per_step={self.prompts_per_step} exceeds the {len(self.train_prompt_ids)} "
+                "usable training prompts"
+            )
+        if self.val_files:
+            val = load_prompts(self.val_files, self.prompt_key, self.answer_key, self.answer_after)
+            self.val_records, self.val_prompt_ids, _ = self._tokenize(val)
+
+    def get_engine(self) -> RolloutEngine:
+        if self.engine is None:
+            from vapo_pl.rollout.factory import build_engine
+
+            cfg = asdict(self.engine_config)
+            kind = cfg.pop("kind")
+            if cfg["max_model_len"] is None:
+                cfg["max_model_len"] = self.max_prompt_length + self.max_response_length
+            if kind == "hf" and self._shared_actor is not None:
+                cfg["model"] = self._shared_actor
+            rank = self.rank
+            self.engine = build_engine(kind, self.model_path, seed=derive_seed(self.seed, rank), rank=rank, **cfg)
+        return self.engine
+
+    # ----------------------------------------------------------------- sharding and position
+    def _shard_order(self, epoch: int) -> list[int]:
+        """This rank's prompt indices for ``epoch``: one global permutation (same on every rank), dealt
+        round-robin, so ranks never share a prompt within an epoch."""
+        n = len(self.train_prompt_ids)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        world = self.world_size
+        usable = n - n % world  # equal shard sizes keep ranks in lockstep
+        return order[self.rank : usable : world]
+
+    def _take_prompts(self, k: int) -> list[int] | None:
+        shard = self._shard_order(self.epoch)
+        if self.cursor + k > len(shard):
+            return None
+        idx = shard[self.cursor : self.cursor + k]
+        self.cursor += k
+        return idx
+
+    def start_new_epoch(self) -> None:
+        self.epoch += 1
+        self.cursor = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "batches_served": self.batches_served}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch = state_dict["epoch"]
+        self.cursor = state_dict["cursor"]
+        self.batches_served = state_dict["batches_served"]
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the stream already yields whole batches; workers=0: the engine lives here.
+        return DataLoader(_RolloutStream(self), batch_size=None, num_workers=0, collate_fn=_identity)
+
+    # ----------------------------------------------------------------- generation
+    def training_sampling(self, seed: int) -> Sampling:
+        return Sampling(n=self.samples_per_prompt, temperature=self.temperature,
+                        max_tokens=self.max_response_length, seed=seed)
+
+    def next_batch(self) -> RolloutBatch | None:
+        """Generate, score and (optionally) filter one step's rollouts with the engine's current weights."""
+        need = self.prompts_per_rank
+        step_seed = derive_seed(self.seed, self.rank, self.epoch, self.batches_served)
+        t0 = time.perf_counter()
+        kept: list[RolloutBatch] = []
+        spare: list[RolloutBatch] = []  # filtered-out groups, used to fill the batch if rounds run out
+        n_kept = n_seen = rounds = 0
+        while True:
+            idx = self._take_prompts(need)
+            if idx is None:
+                if rounds == 0:
+                    return None
+                break
+            rounds += 1
+            batch = self.generate(idx, self.training_sampling(derive_seed(step_seed, rounds)),
+                                  records=self.train_records, prompt_ids=self.train_prompt_ids)
+            n_seen += need
+            if not self.dynamic_sampling:
+                kept.append(batch)
+                n_kept = need
+            else:
+                informative = _informative_groups(batch.scores, batch.group_index, need)
+                keep_rows = informative[batch.group_index]
+                kept.append(batch.select(keep_rows.nonzero().squeeze(1)))
+                spare.append(batch.select((~keep_rows).nonzero().squeeze(1)))
+                n_kept += int(informative.sum())
+            # every rank runs the same number of rounds so engines and collectives stay in lockstep
+            more = int(n_kept < need and rounds < self.max_sampling_rounds)
+            if not _all_ranks_max(more):
+                break
+        out = _concat_groups(kept + spare, need, self._pad_id())
+        out.stats["perf/generate_tokens_per_s"] = out.stats["rollout/generated_tokens"] / max(
+            out.stats["perf/generate_s"], 1e-9)
+        out.stats.update({
+            "rollout/sampling_rounds": float(rounds),
+            "rollout/dropped_long_prompts": float(self.dropped_prompts),
+            "perf/rollout_s": time.perf_counter() - t0,
+        })
+        if self.dynamic_sampling:
+            out.stats["rollout/dynamic_sampling_kept_share"] = n_kept / max(n_seen, 1)
+            out.stats["rollout/dynamic_sampling_filled"] = float(max(need - n_kept, 0))
+        self.batches_served += 1
+        return out
+
+    def generate(self, idx: list[int], sampling: Sampling, records: list[PromptRecord],
+                 prompt_ids: list[list[int]]) -> RolloutBatch:
+        """Rollouts for prompts ``idx`` of ``records``: generate, decode, score, pad."""
+        engine = self.get_engine()
+        version = engine.version
+        t0 = time.perf_counter()
+        outs = engine.generate([prompt_ids[i] for i in idx], sampling)
+        t_gen = time.perf_counter() - t0
+        baseline = None
+        if self.greedy_baseline:
+            greedy = Sampling(n=1, temperature=0.0, max_tokens=sampling.max_tokens)
+            g_outs = engine.generate([prompt_ids[i] for i in idx], greedy)
+            g_batch = self._score(idx, g_outs, records, prompt_ids, version)
+            baseline = g_batch.scores.repeat_interleave(sampling.n)
+        t1 = time.perf_counter()
+        batch = self._score(idx, outs, records, prompt_ids, version)
+        batch.baseline_scores = baseline
+        batch.stats.update({
+            "perf/generate_s": t_gen,
+            "perf/score_s": time.perf_counter() - t1,
+            "rollout/generated_tokens": float(batch.lengths.sum()),
+        })
+        return batch
+
+    def _pad_id(self) -> int:
+        tok = self._load_tokenizer()
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _score(self, idx: list[int], outs: list[list[Completion]], records: list[PromptRecord],
+               prompt_ids: list[list[int]], version: int) -> RolloutBatch:
+        tok = self._load_tokenizer()
+        n = len(outs[0])
+        comps = [c for group in outs for c in group]
+        sample_prompt = [i for i in idx for _ in range(n)]
+        texts = tok.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.long)
+        truncated = torch.tensor([c.truncated for c in comps], dtype=torch.bool)
+        group_index = torch.arange(len(idx)).repeat_interleave(n)
+        prompts_text = [records[i].prompt for i in sample_prompt]
+        reward_input = RewardInput(
+            prompts=prompts_text,
+            responses=texts,
+            answers=[records[i].answer for i in sample_prompt],
+            group_index=group_index,
+            lengths=lengths,
+            truncated=truncated,
+            max_response_length=self.max_response_length,
+            metadata=[records[i].extra for i in sample_prompt],
+        )
+        if self._module is not None and hasattr(self._module, "compute_reward"):
+            result = self._module.compute_reward(reward_input, self.reward_fn)
+        else:
+            result = self.reward_fn(reward_input)
+        pad = self._pad_id()
+        prompt_t = pad_sequence([torch.tensor(prompt_ids[i]) for i in sample_prompt], batch_first=True,
+                                padding_value=pad, padding_side="left")
+        resp_t = pad_sequence([torch.tensor(c.token_ids, dtype=torch.long) for c in comps], batch_first=True,
+                              padding_value=pad)
+        logp_t = pad_sequence([torch.tensor(c.logprobs, dtype=torch.float32) for c in comps], batch_first=True)
+        width = resp_t.shape[1]
+        response_mask = torch.arange(width)[None, :] < lengths[:, None]
+        prompt_lens = torch.tensor([len(prompt_ids[i]) for i in sample_prompt])
+        prompt_mask = torch.arange(prompt_t.shape[1])[None, :] >= (prompt_t.shape[1] - prompt_lens)[:, None]
+        extracted = result.extracted or [None] * len(comps)
+        metadata = [
+            {"prompt": prompts_text[j], "response": texts[j], "answer": records[sample_prompt[j]].answer,
+             "extracted": extracted[j], "source": records[sample_prompt[j]].source}
+            for j in range(len(comps))
+        ]
+        stats = dict(result.stats)
+        return RolloutBatch(
+            input_ids=torch.cat([prompt_t, resp_t], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask], dim=1).long(),
+            response_mask=response_mask,
+            rollout_logprobs=logp_t,
+            scores=result.scores.float(),
+            correct=result.correct.bool(),
+            lengths=lengths,
+            truncated=truncated,
+            group_index=group_index,
+            weight_version=version,
+            reward_terms=dict(result.terms),
+            metadata=metadata,
+            stats=stats,
+        )
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _informative_groups(scores: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """(G,) bool: groups whose rewards are not all equal (DAPO's dynamic-sampling filter)."""
+    hi = torch.full((n_groups,), -torch.inf).scatter_reduce(0, group_index, scores, "amax")
+    lo = torch.full((n_groups,), torch.inf).scatter_reduce(0, group_index, scores, "amin")
+    return hi > lo
+
+
+def _concat_groups(parts: list[RolloutBatch], n_groups: int, pad_id: int) -> RolloutBatch:
+    """Concatenate batches group by group (renumbering groups), keeping the first ``n_groups``."""
+    parts = [p for p in parts if len(p)]
+    pw = max(p.prompt_width for p in parts)
+    rw = max(p.response_mask.shape[1] for p in parts)
+    cols: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "rollout_logprobs")}
+    offset = 0
+    groups, rest = [], []
+    for p in parts:
+        lp, lr = pw - p.prompt_width, rw - p.response_mask.shape[1]
+        ids = torch.nn.functional.pad(p.input_ids[:, : p.prompt_width], (lp, 0), value=pad_id)
+        resp = torch.nn.functional.pad(p.responses, (0, lr), value=pad_id)
+        cols["input_ids"].append(torch.cat([ids, resp], 1))
+        am = p.attention_mask
+        cols["attention_mask"].append(torch.cat([
+            torch.nn.functional.pad(am[:, : p.prompt_width], (lp, 0)),
+            torch.nn.functional.pad(am[:, p.prompt_width :], (0, lr))], 1))
+        cols["response_mask"].append(torch.nn.functional.pad(p.response_mask, (0, lr)))
+        cols["rollout_logprobs"].append(torch.nn.functional.pad(p.rollout_logprobs, (0, lr)))
+        _, new_gi = torch.unique(p.group_index, sorted=True, return_inverse=True)
+        groups.append(new_gi + offset)
+        offset += int(new_gi.max()) + 1
+        rest.append(p)
+    group_index = torch.cat(groups)
+    keep = (group_index < n_groups).nonzero().squeeze(1)
+    cat = lambda name: torch.cat([getattr(p, name) for p in rest])  # noqa: E731
+    baseline = None if rest[0].baseline_scores is None else cat("baseline_scores")
+    merged = RolloutBatch(
+        input_ids=torch.cat(cols["input_ids"]),
+        attention_mask=torch.cat(cols["attention_mask"]),
+        response_mask=torch.cat(cols["response_mask"]),
+        rollout_logprobs=torch.cat(cols["rollout_logprobs"]),
+        scores=cat("scores"), correct=cat("correct"), lengths=cat("lengths"), truncated=cat("truncated"),
+        group_index=group_index,
+        weight_version=rest[0].weight_version,
+        reward_terms={k: torch.cat([p.reward_terms[k] for p in rest]) for k in rest[0].reward_terms},
+        baseline_scores=baseline,
+        metadata=[m for p in rest for m in p.metadata],
+        stats=_merge_stats([p.stats for p in rest]),
+    )
+    if len(parts) == 1 and len(keep) == len(group_index):
+        merged.stats = dict(parts[0].stats)
+        return merged
+    return merged.select(keep)
+
+
+def _merge_stats(all_stats: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in all_stats:
+        for k, v in s.items():
+            summed = k.endswith("_s") or k == "rollout/generated_tokens"
+            out[k] = out.get(k, 0.0) + v if summed else v
+    return out

@@ -1,0 +1,534 @@
+"""VAPOModule: actor, critic and (optional) reference model, trained with manual optimization.
+
+One ``training_step`` is one RL iteration and reads as the recipe:
+rollout -> old log-probs and values -> rewards -> advantages -> K epochs of minibatch updates -> weight sync.
+The mathematics lives in ``vapo_pl.algorithms`` (pure torch); this file only orchestrates.
+
+Departures from a textbook Lightning module, and why:
+- ``training_step(dataloader_iter)``: Lightning then does not prefetch, so the rollout for step ``k`` is
+  generated inside step ``k`` with the weights of update ``k-1`` (strictly on-policy).
+- One AdamW with two parameter groups (actor, critic) instead of two optimizers: Lightning's DeepSpeed
+  strategy accepts only one, and one step per minibatch keeps ``global_step`` simple. Gradient clipping is
+  still per model. Learning rates and warm-up are per group.
+- ``trainer.global_step`` is pinned to the number of RL steps (Lightning would count optimizer steps), so
+  ``max_steps``, logs and checkpoints all speak of RL steps, as the paper's "5,000 steps" does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import replace
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from vapo_pl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, AdvantageOutputs
+from vapo_pl.algorithms.aggregation import aggregate
+from vapo_pl.algorithms.kl import AdaptiveKLController, FixedKLController, kl_estimate, kl_penalty_rewards
+from vapo_pl.algorithms.logprob import entropy_from_logits, logprobs_from_logits
+from vapo_pl.algorithms.nll import positive_example_nll
+from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
+from vapo_pl.algorithms.utils import masked_mean
+from vapo_pl.algorithms.value import explained_variance, value_loss
+from vapo_pl.batch import RolloutBatch
+from vapo_pl.checks import require_model_dir
+from vapo_pl.config import AlgorithmConfig, OptimConfig
+from vapo_pl.critic import ValueModel
+from vapo_pl.prompts import PromptRecord, render_prompt
+from vapo_pl.rewards.base import RewardInput, RewardResult
+
+log = logging.getLogger(__name__)
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, L) positions counted from each row's first real token (left padding gets 0), as vLLM numbers them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class VAPOModule(pl.LightningModule):
+    """Owns the models and the optimisation of one RL run.
+
+    Args:
+        model_path: Hugging Face directory of the initial policy (the actor).
+        critic_path: checkpoint for the critic; default ``model_path`` (the paper initialises from the
+            base model, or from a reward model with ``critic_init: reward_model``).
+        critic_init: ``base`` (backbone + zero head) or ``reward_model`` (a sequence-classification
+            checkpoint whose score head becomes the value head).
+        algorithm: every switch of VAPO and its siblings (see ``AlgorithmConfig``).
+        optim: AdamW settings per model.
+        gradient_checkpointing: recompute activations in backward (saves memory on long responses).
+        logprob_chunk_size: tokens per chunk when turning logits into log-probs and entropies.
+        seed: seed of the minibatch shuffling.
+
+    Subclass hooks (small on purpose): ``build_prompt``, ``compute_reward``, ``build_actor``,
+    ``build_critic``, ``token_rewards``.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        critic_path: str | None = None,
+        critic_init: str = "base",
+        algorithm: AlgorithmConfig | None = None,
+        optim: OptimConfig | None = None,
+        gradient_checkpointing: bool = False,
+        logprob_chunk_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if critic_init not in ("base", "reward_model"):
+            raise ValueError(f"model.critic_init must be 'base' or 'reward_model', got {critic_init!r}")
+        if logprob_chunk_size < 1:
+            raise ValueError(f"model.logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
+        self.model_path = model_path
+        self.critic_path = critic_path
+        self.critic_init = critic_init
+        self.algorithm = algorithm or AlgorithmConfig()
+        self.optim = optim or OptimConfig()
+        self.gradient_checkpointing = gradient_checkpointing
+        self.logprob_chunk_size = logprob_chunk_size
+        self.seed = seed
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+
+        self.actor: nn.Module | None = None
+        self.critic: ValueModel | None = None
+        self.ref_model: nn.Module | None = None
+        self.rl_step = 0  # completed RL iterations
+        self.policy_version = 0  # weight syncs sent to the engine; rollouts must carry this version
+        self.temperature = 1.0  # set from the DataModule: training log-probs use the sampler's temperature
+        if self.algorithm.kl_target is not None:
+            self.kl_ctl = AdaptiveKLController(self.algorithm.kl_reward_coef, self.algorithm.kl_target,
+                                               self.algorithm.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(self.algorithm.kl_reward_coef)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def build_prompt(self, record: PromptRecord, tokenizer: Any, template: str) -> str:
+        """The text the policy sees for one problem. Default: the DataModule's template."""
+        return render_prompt(tokenizer, record.prompt, template)
+
+    def compute_reward(self, inputs: RewardInput, default: Any) -> RewardResult:
+        """Score a batch of responses. Default: the DataModule's reward terms (``default``)."""
+        return default(inputs)
+
+    def build_actor(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(require_model_dir(self.model_path, "model.model_path"),
+                                                    dtype=torch.float32)
+
+    def build_critic(self) -> nn.Module:
+        """A module mapping (input_ids, attention_mask, position_ids) to (B, L) values."""
+        path = require_model_dir(self.critic_path or self.model_path, "model.critic_path")
+        return ValueModel.from_pretrained(path, init=self.critic_init, torch_dtype=torch.float32)
+
+    def token_rewards(self, batch: RolloutBatch) -> Tensor:
+        """(B, T) rewards per response token: the sequence score on its last token (sparse reward)."""
+        rewards = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.scores.device)
+        last = (batch.lengths - 1).clamp(min=0).unsqueeze(1)
+        return rewards.scatter_(1, last, batch.scores.float().unsqueeze(1))
+
+    # ------------------------------------------------------------------ models
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm.uses_critic
+
+    @property
+    def needs_greedy_baseline(self) -> bool:
+        return self.algorithm.estimator == "remax"
+
+    def configure_model(self) -> None:
+        if self.actor is not None:
+            return
+        self.actor = self.build_actor()
+        if self.uses_critic:
+            self.critic = self.build_critic()
+        if self.algorithm.uses_reference:
+            self.ref_model = self.build_actor().eval().requires_grad_(False)
+        if self.gradient_checkpointing:
+            self.actor.gradient_checkpointing_enable()
+            if self.critic is not None:
+                self.critic.gradient_checkpointing_enable()
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            from vapo_pl.parallel import fully_shard_model
+
+            for m in (self.actor, self.critic, self.ref_model):
+                if m is not None:
+                    fully_shard_model(m, mesh)
+
+    def configure_optimizers(self):
+        groups = [{"params": [p for p in self.actor.parameters() if p.requires_grad],
+                   "lr": self.optim.actor_lr, "name": "actor"}]
+        if self.critic is not None:
+            groups.append({"params": [p for p in self.critic.parameters() if p.requires_grad],
+                           "lr": self.optim.critic_lr, "name": "critic"})
+        opt = torch.optim.AdamW(groups, betas=self.optim.betas, eps=self.optim.eps,
+                                weight_decay=self.optim.weight_decay)
+        warm = self.optim.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ wiring with the DataModule
+    @property
+    def rollout_data(self):
+        """The RolloutDataModule this module trains from."""
+        return self.trainer.datamodule
+
+    @property
+    def engine(self):
+        return self.rollout_data.get_engine()
+
+    def on_fit_start(self) -> None:
+        dm = self.rollout_data
+        if dm is None or not hasattr(dm, "get_engine"):
+            raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
+        self.temperature = dm.temperature
+        dm.connect(self, actor=self.actor)
+
+    def on_train_start(self) -> None:
+        # The engine loaded model_path; after a resume the actor differs, so always start from a sync.
+        self.sync_weights(bump=False)
+
+    # ------------------------------------------------------------------ distributed helpers
+    def _sum_across_ranks(self, x: Tensor) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    @property
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    # ------------------------------------------------------------------ forward passes
+    def policy_logprobs(self, model: nn.Module, batch: RolloutBatch, with_entropy: bool = False
+                        ) -> tuple[Tensor, Tensor | None]:
+        """(B, T) log-probs of the response tokens under ``model`` at the sampler's temperature."""
+        width = batch.response_mask.shape[1]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=_position_ids(batch.attention_mask), use_cache=False, logits_to_keep=width + 1)
+        logits = out.logits[:, :-1]  # (B, T, V): position P-1+t predicts response token t
+        logp = logprobs_from_logits(logits, batch.responses, self.temperature, self.logprob_chunk_size)
+        ent = entropy_from_logits(logits.detach(), self.logprob_chunk_size, temperature=self.temperature) \
+            if with_entropy else None
+        return logp, ent
+
+    def critic_values(self, batch: RolloutBatch) -> Tensor:
+        """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t."""
+        width = batch.response_mask.shape[1]
+        values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask))
+        start = batch.prompt_width - 1
+        return values[:, start : start + width]
+
+    def _micro_batches(self, index: Tensor) -> list[Tensor]:
+        return list(index.split(self.algorithm.micro_batch_size))
+
+    @torch.no_grad()
+    def prepare(self, batch: RolloutBatch, critic_only: bool = False) -> dict[str, Tensor]:
+        """Old log-probs, entropies, values and reference log-probs, in micro-batches, without grad."""
+        parts: dict[str, list[Tensor]] = defaultdict(list)
+        for idx in self._micro_batches(torch.arange(len(batch), device=batch.scores.device)):
+            mb = batch.select(idx)
+            if not critic_only:
+                logp, ent = self.policy_logprobs(self.actor, mb, with_entropy=True)
+                parts["old_logp"].append(logp)
+                parts["entropy"].append(ent)
+                if self.ref_model is not None:
+                    parts["ref_logp"].append(self.policy_logprobs(self.ref_model, mb)[0])
+            if self.critic is not None:
+                parts["old_values"].append(self.critic_values(mb))
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ the RL step
+    def training_step(self, dataloader_iter) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        batch, _, _ = next(dataloader_iter)
+        timings = {"perf/rollout_s": time.perf_counter() - t0}
+        out = self.rl_step_on(batch, timings)
+        self.rl_step += 1
+        self._pin_global_step()
+        return out
+
+    def rl_step_on(self, batch: RolloutBatch, timings: dict[str, float]) -> dict[str, Any]:
+        """rollout -> rewards -> values -> advantages -> PPO epochs -> sync -> log."""
+        self.check_on_policy(batch)
+        batch = batch.to(self.device)
+        t = time.perf_counter()
+        prep = self.prepare(batch)
+        timings["perf/forward_s"] = time.perf_counter() - t
+        mask = batch.response_mask
+        rewards = self.token_rewards(batch)
+        metrics: dict[str, float] = {}
+        if self.ref_model is not None:
+            kl = kl_estimate(prep["old_logp"], prep["ref_logp"], self.algorithm.kl_reward_estimator)
+            kl_mean = masked_mean(kl, mask, reduce=self._sum_across_ranks)
+            metrics["actor/kl_ref"] = float(kl_mean)
+            if self.algorithm.kl_reward_coef > 0:
+                rewards = kl_penalty_rewards(rewards, prep["old_logp"], prep["ref_logp"], mask,
+                                             self.kl_ctl.value, self.algorithm.kl_reward_estimator)
+                metrics["actor/kl_coef"] = self.kl_ctl.value
+                self.kl_ctl.update(float(kl_mean), n_steps=len(batch) * self._world)
+        adv = self.compute_advantages(batch, rewards, prep.get("old_values"))
+        t = time.perf_counter()
+        metrics.update(self.update(batch, prep, adv))
+        timings["perf/update_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.sync_weights()
+        timings["perf/sync_s"] = time.perf_counter() - t
+        metrics.update(self.rollout_metrics(batch, prep, adv))
+        metrics.update(timings)
+        self.log_metrics(metrics, batch)
+        return {"rollout": batch, "entropy": prep.get("entropy"), "metrics": metrics}
+
+    def check_on_policy(self, batch: RolloutBatch) -> None:
+        if batch.weight_version != self.policy_version:
+            raise RuntimeError(
+                f"off-policy rollout: generated by weight version {batch.weight_version}, the policy is at "
+                f"{self.policy_version} (was the batch prefetched?)"
+            )
+
+    def compute_advantages(self, batch: RolloutBatch, rewards: Tensor, values: Tensor | None,
+                           monte_carlo_critic: bool = False) -> AdvantageOutputs:
+        params = self.algorithm.advantage_params()
+        if monte_carlo_critic:  # value pretraining trains on Monte-Carlo returns (lambda = 1)
+            params = replace(params, lambda_critic=1.0)
+        inputs = AdvantageInputs(token_rewards=rewards, mask=batch.response_mask, values=values,
+                                 group_index=batch.group_index, baseline_scores=batch.baseline_scores,
+                                 reduce=self._sum_across_ranks)
+        return ADVANTAGE_ESTIMATORS.get(self.algorithm.estimator)(inputs, params)
+
+    def _minibatches(self, n: int) -> list[Tensor]:
+        cfg = self.algorithm
+        world = self._world
+        if cfg.minibatch_size % world:
+            raise ValueError(f"algorithm.minibatch_size={cfg.minibatch_size} is not divisible by {world} ranks")
+        local = cfg.minibatch_size // world
+        if n % local:
+            raise ValueError(
+                f"algorithm.minibatch_size={cfg.minibatch_size} does not divide the rollout batch of {n * world} "
+                "samples (prompts_per_step x samples_per_prompt)"
+            )
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step)
+        return list(torch.randperm(n, generator=g).split(local))
+
+    def update(self, batch: RolloutBatch, prep: dict[str, Tensor], adv: AdvantageOutputs,
+               critic_only: bool = False) -> dict[str, float]:
+        """K epochs over minibatches; one optimizer step per minibatch, micro-batches accumulate."""
+        cfg = self.algorithm
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        device = batch.scores.device
+        policy_mask = batch.response_mask
+        if cfg.mask_truncated:
+            policy_mask = policy_mask & ~batch.truncated.unsqueeze(1)
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(cfg.ppo_epochs):
+            for mb_idx in self._minibatches(len(batch)):
+                mb_idx = mb_idx.to(device)
+                world = self._world
+                # per-rank share of the minibatch's global counts, so DDP's gradient averaging gives the
+                # exact global token mean (the Token-level loss over the whole minibatch)
+                n_tok = self._sum_across_ranks(policy_mask[mb_idx].sum().float()) / world
+                n_val_tok = self._sum_across_ranks(batch.response_mask[mb_idx].sum().float()) / world
+                n_pos = self._sum_across_ranks(
+                    (policy_mask[mb_idx] & batch.correct[mb_idx].unsqueeze(1)).sum().float()) / world
+                for idx in self._micro_batches(mb_idx):
+                    loss = torch.zeros((), device=device)
+                    if not critic_only:
+                        loss = loss + self.actor_loss(batch, prep, adv, idx, policy_mask, n_tok, n_pos,
+                                                      len(mb_idx), stats)
+                    if self.critic is not None:
+                        loss = loss + self.critic_loss(batch, prep, adv, idx, n_val_tok, stats)
+                    self.manual_backward(loss)
+                self._clip_and_step(opt, critic_only, stats)
+                sched.step()
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        for group in opt.param_groups:
+            out[f"{group['name']}/lr"] = group["lr"]
+        return out
+
+    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs, stats) -> Tensor:
+        cfg = self.algorithm
+        mb = batch.select(idx)
+        mask = policy_mask[idx]
+        logp, _ = self.policy_logprobs(self.actor, mb)
+        pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, prep["old_logp"][idx], adv.advantages[idx], mask,
+                                               cfg.policy_loss_params())
+        pg_loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=cfg.norm_length or mask.shape[1],
+                            num_tokens=n_tok, num_seqs=n_seqs / self._world)
+        loss = pg_loss
+        stats["actor/pg_loss"].append(float(pg_loss))
+        for k, v in pg.stats.items():
+            stats[f"actor/{k}"].append(float(v))
+        if cfg.nll_coef > 0:
+            nll = positive_example_nll(logp, mask, mb.correct, num_tokens=n_pos.clamp(min=1))
+            loss = loss + cfg.nll_coef * nll
+            stats["actor/nll_loss"].append(float(nll))
+        if cfg.kl_loss_coef > 0:
+            kl = aggregate(kl_estimate(logp, prep["ref_logp"][idx], cfg.kl_loss_estimator), mask,
+                           cfg.loss_agg_mode, norm_length=cfg.norm_length or mask.shape[1], num_tokens=n_tok,
+                           num_seqs=n_seqs / self._world)
+            loss = loss + cfg.kl_loss_coef * kl
+            stats["actor/kl_loss"].append(float(kl))
+        return loss
+
+    def critic_loss(self, batch, prep, adv, idx, n_tok, stats) -> Tensor:
+        mb = batch.select(idx)
+        values = self.critic_values(mb)
+        vl, vstats = value_loss(values, prep["old_values"][idx], adv.returns[idx], mb.response_mask,
+                                self.algorithm.value_clip)
+        loss = aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_tok)
+        stats["critic/value_loss"].append(float(loss.detach()) * float(n_tok) / max(float(mb.response_mask.sum()), 1.0))
+        stats["critic/vf_clipfrac"].append(float(vstats["vf_clipfrac"]))
+        return loss
+
+    def _clip_and_step(self, opt, critic_only: bool, stats: dict[str, list[float]]) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed clips in its own config
+            clips = {"actor": self.optim.actor_grad_clip, "critic": self.optim.critic_grad_clip}
+            for group in opt.param_groups:
+                if critic_only and group["name"] == "actor":
+                    continue
+                norm = torch.nn.utils.clip_grad_norm_(group["params"], clips[group["name"]] or math.inf)
+                if hasattr(norm, "full_tensor"):
+                    norm = norm.full_tensor()
+                stats[f"{group['name']}/grad_norm"].append(float(norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def value_pretrain_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged."""
+        self.check_on_policy(batch)
+        batch = batch.to(self.device)
+        prep = self.prepare(batch, critic_only=True)
+        adv = self.compute_advantages(batch, self.token_rewards(batch), prep["old_values"], monte_carlo_critic=True)
+        metrics = self.update(batch, prep, adv, critic_only=True)
+        metrics["critic/explained_var"] = float(explained_variance(prep["old_values"], adv.returns,
+                                                                   batch.response_mask))
+        metrics["rollout/reward_mean"] = float(batch.scores.mean())
+        self._pin_global_step()
+        return {k: v for k, v in metrics.items() if not k.startswith("actor/")}
+
+    def critic_state(self) -> dict[str, Tensor]:
+        from vapo_pl.parallel import full_state_items
+
+        return {k: v.detach().cpu() for k, v in full_state_items(self.critic, self.trainer.strategy)}
+
+    def load_critic_state(self, state: dict[str, Tensor]) -> None:
+        from vapo_pl.parallel import load_full_state
+
+        load_full_state(self.critic, state, self.trainer.strategy)
+
+    # ------------------------------------------------------------------ weight sync and step counting
+    def actor_state_items(self):
+        """(name, tensor) pairs of the full actor weights, gathered if the strategy shards them."""
+        from vapo_pl.parallel import full_state_items
+
+        return full_state_items(self.actor, self.trainer.strategy)
+
+    def sync_weights(self, bump: bool = True) -> None:
+        engine = self.engine
+        engine.wake_up()
+        engine.update_weights(self.actor_state_items())
+        if bump:
+            self.policy_version += 1
+        engine.version = self.policy_version
+
+    def _pin_global_step(self) -> None:
+        """Make ``trainer.global_step`` count RL steps instead of optimizer steps."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.total.ready = progress.total.completed = self.rl_step
+
+    # ------------------------------------------------------------------ metrics
+    def rollout_metrics(self, batch: RolloutBatch, prep: dict[str, Tensor], adv: AdvantageOutputs
+                        ) -> dict[str, float]:
+        mask = batch.response_mask
+        lengths = batch.lengths.float()
+        correct = batch.correct
+        m: dict[str, float] = {
+            "rollout/reward_mean": float(batch.scores.mean()),
+            "rollout/acc": float(correct.float().mean()),
+            "rollout/response_length_mean": float(lengths.mean()),
+            "rollout/response_length_min": float(lengths.min()),
+            "rollout/response_length_max": float(lengths.max()),
+            "rollout/response_length_p50": float(lengths.quantile(0.5)),
+            "rollout/response_length_p90": float(lengths.quantile(0.9)),
+            "rollout/clip_ratio": float(batch.truncated.float().mean()),
+            "actor/advantages_mean": float(masked_mean(adv.advantages, mask)),
+            "actor/advantages_max": float(adv.advantages[mask].max()) if mask.any() else 0.0,
+            "actor/advantages_min": float(adv.advantages[mask].min()) if mask.any() else 0.0,
+            "critic/returns_mean": float(masked_mean(adv.returns, mask)),
+        }
+        if correct.any():
+            m["rollout/length_correct_mean"] = float(lengths[correct].mean())
+        if (~correct).any():
+            m["rollout/length_wrong_mean"] = float(lengths[~correct].mean())
+        if "entropy" in prep:
+            m["actor/entropy"] = float(masked_mean(prep["entropy"], mask))
+        if "old_values" in prep:
+            m["critic/values_mean"] = float(masked_mean(prep["old_values"], mask))
+            m["critic/explained_var"] = float(explained_variance(prep["old_values"], adv.returns, mask))
+        if adv.lambda_policy is not None:
+            lam = adv.lambda_policy.float()
+            m.update({"actor/lambda_policy_mean": float(lam.mean()), "actor/lambda_policy_min": float(lam.min()),
+                      "actor/lambda_policy_max": float(lam.max())})
+        for name, term in batch.reward_terms.items():
+            m[f"reward/{name}"] = float(term.float().mean())
+        m.update(batch.stats)
+        return m
+
+    def log_metrics(self, metrics: dict[str, float], batch: RolloutBatch | None = None) -> None:
+        """Average over ranks with one all-reduce, then log (progress bar: reward, accuracy, length)."""
+        keys = sorted(metrics)
+        if self._world > 1:
+            t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+            t = self._sum_across_ranks(t) / self._world
+            metrics = dict(zip(keys, t.tolist()))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        bar = {"reward": "rollout/reward_mean", "acc": "rollout/acc", "len": "rollout/response_length_mean"}
+        for short, key in bar.items():
+            if key in metrics:
+                self.log(short, metrics[key], prog_bar=True, logger=False, on_step=True, batch_size=1,
+                         rank_zero_only=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vapo"] = {
+            "rl_step": self.rl_step,
+            "policy_version": self.policy_version,
+            "kl_coef": self.kl_ctl.value,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        # The reference model is frozen and reloaded from model_path: keep it out of checkpoints.
+        for k in [k for k in checkpoint.get("state_dict", {}) if k.startswith("ref_model.")]:
+            del checkpoint["state_dict"][k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["vapo"]
+        self.rl_step = state["rl_step"]
+        self.policy_version = state["policy_version"]
+        self.kl_ctl.value = state["kl_coef"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.ref_model is not None and "state_dict" in checkpoint:
+            checkpoint["state_dict"].update({f"ref_model.{k}": v for k, v in self.ref_model.state_dict().items()})
+
+    def export_actor(self, path: str) -> None:
+        """Save the actor in Hugging Face format (with the tokenizer), loadable by vLLM and transformers."""
+        state = dict(self.actor_state_items())
+        if self.global_rank == 0:
+            self.actor.save_pretrained(path, state_dict=state)
+            self.rollout_data._load_tokenizer().save_pretrained(path)
