@@ -38,16 +38,16 @@ class EngineConfig:
     dtype: str = "auto"  # "float32" on CPU, "bfloat16" on GPU
     max_model_len: int | None = None  # default: max_prompt_length + max_response_length
     gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (weights + KV cache)
-    kv_cache_space_gb: float = 1.0  # CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_space_gb: int = 1  # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = True  # GPU only: free vLLM's memory while the trainer updates
-    enforce_eager: bool = False  # disable CUDA graphs
+    enforce_eager: bool | None = None  # skip torch.compile/CUDA graphs; None: eager on CPU (saves ~40 s of start-up)
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.kv_cache_space_gb <= 0:
+        if self.kv_cache_space_gb < 1:
             raise ValueError(f"engine.kv_cache_space_gb must be > 0, got {self.kv_cache_space_gb}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
@@ -226,9 +226,7 @@ class RolloutDataModule(pl.LightningDataModule):
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
-            from vapo_pl.checks import require_model_dir
-
-            self.tokenizer = AutoTokenizer.from_pretrained(require_model_dir(self.model_path, "data.model_path"))
+            self.tokenizer = AutoTokenizer.from_pretrained(self._model_dir())
         return self.tokenizer
 
     def _tokenize(self, records: list[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
@@ -264,18 +262,32 @@ class RolloutDataModule(pl.LightningDataModule):
             self.val_records, self.val_prompt_ids, _ = self._tokenize(val)
 
     def get_engine(self) -> RolloutEngine:
+        """The rollout engine, built on first use (after the process group and the actor exist)."""
         if self.engine is None:
-            from vapo_pl.rollout.factory import build_engine
-
             cfg = asdict(self.engine_config)
             kind = cfg.pop("kind")
-            if cfg["max_model_len"] is None:
-                cfg["max_model_len"] = self.max_prompt_length + self.max_response_length
-            if kind == "hf" and self._shared_actor is not None:
-                cfg["model"] = self._shared_actor
             rank = self.rank
-            self.engine = build_engine(kind, self.model_path, seed=derive_seed(self.seed, rank), rank=rank, **cfg)
+            seed = derive_seed(self.seed, rank)
+            if kind == "hf":
+                from vapo_pl.rollout.hf_engine import HFEngine
+
+                # Share the trainer's actor when there is one: no second copy of the weights.
+                model = self._shared_actor if self._shared_actor is not None else self._model_dir()
+                self.engine = HFEngine(model, dtype=cfg["dtype"], seed=seed, rank=rank)
+            else:
+                from vapo_pl.rollout.factory import build_engine
+
+                if cfg["enforce_eager"] is None:
+                    cfg["enforce_eager"] = not torch.cuda.is_available()
+                if cfg["max_model_len"] is None:
+                    cfg["max_model_len"] = self.max_prompt_length + self.max_response_length
+                self.engine = build_engine(kind, self._model_dir(), seed=seed, rank=rank, **cfg)
         return self.engine
+
+    def _model_dir(self) -> str:
+        from vapo_pl.checks import require_model_dir
+
+        return require_model_dir(self.model_path, "data.model_path")
 
     # ----------------------------------------------------------------- sharding and position
     def _shard_order(self, epoch: int) -> list[int]:

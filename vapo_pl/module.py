@@ -148,7 +148,7 @@ class VAPOModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.actor is not None:
             return
-        self.actor = self.build_actor()
+        self.actor = self.build_actor().train()
         if self.uses_critic:
             self.critic = self.build_critic()
         if self.algorithm.uses_reference:
@@ -366,19 +366,19 @@ class VAPOModule(pl.LightningModule):
         pg_loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=cfg.norm_length or mask.shape[1],
                             num_tokens=n_tok, num_seqs=n_seqs / self._world)
         loss = pg_loss
-        stats["actor/pg_loss"].append(float(pg_loss))
+        stats["actor/pg_loss"].append(float(pg_loss.detach()))
         for k, v in pg.stats.items():
             stats[f"actor/{k}"].append(float(v))
         if cfg.nll_coef > 0:
             nll = positive_example_nll(logp, mask, mb.correct, num_tokens=n_pos.clamp(min=1))
             loss = loss + cfg.nll_coef * nll
-            stats["actor/nll_loss"].append(float(nll))
+            stats["actor/nll_loss"].append(float(nll.detach()))
         if cfg.kl_loss_coef > 0:
             kl = aggregate(kl_estimate(logp, prep["ref_logp"][idx], cfg.kl_loss_estimator), mask,
                            cfg.loss_agg_mode, norm_length=cfg.norm_length or mask.shape[1], num_tokens=n_tok,
                            num_seqs=n_seqs / self._world)
             loss = loss + cfg.kl_loss_coef * kl
-            stats["actor/kl_loss"].append(float(kl))
+            stats["actor/kl_loss"].append(float(kl.detach()))
         return loss
 
     def critic_loss(self, batch, prep, adv, idx, n_tok, stats) -> Tensor:
@@ -488,18 +488,21 @@ class VAPOModule(pl.LightningModule):
         return m
 
     def log_metrics(self, metrics: dict[str, float], batch: RolloutBatch | None = None) -> None:
-        """Average over ranks with one all-reduce, then log (progress bar: reward, accuracy, length)."""
+        """Average over ranks with one all-reduce, then write every RL step to the loggers (x axis = RL step,
+        whatever ``log_every_n_steps`` says) and expose the values as callback metrics and in the progress bar."""
         keys = sorted(metrics)
         if self._world > 1:
             t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
             t = self._sum_across_ranks(t) / self._world
             metrics = dict(zip(keys, t.tolist()))
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=self.rl_step + 1)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1, logger=False)
         bar = {"reward": "rollout/reward_mean", "acc": "rollout/acc", "len": "rollout/response_length_mean"}
         for short, key in bar.items():
             if key in metrics:
-                self.log(short, metrics[key], prog_bar=True, logger=False, on_step=True, batch_size=1,
-                         rank_zero_only=True)
+                self.log(short, metrics[key], prog_bar=True, logger=False, on_step=True, batch_size=1)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

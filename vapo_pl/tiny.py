@@ -22,18 +22,41 @@ CHAT_TEMPLATE = (
 )
 
 
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map (what byte-level BPE vocabularies are written in)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
 def build_char_tokenizer(chars: str = DEFAULT_CHARS):
-    """A ``PreTrainedTokenizerFast`` with one token per character plus ``<pad>`` (0) and ``<eos>`` (1)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer with no merges: one token per character of ``chars`` (ASCII), plus
+    ``<pad>`` (0) and ``<eos>`` (1).
+
+    Written in byte-level form (space as "\u0120", newline as "\u010a") so that it encodes identically
+    whether it is loaded as itself, as the ``Qwen2Tokenizer`` that ``AutoTokenizer`` picks for a Qwen2
+    checkpoint, or by vLLM.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     uniq = list(dict.fromkeys(chars))
-    vocab = {PAD: 0, EOS: 1, **{c: i + 2 for i, c in enumerate(uniq)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    bad = [c for c in uniq if ord(c) > 127]
+    if bad:
+        raise ValueError(f"chars: only ASCII characters are supported, got {bad[:5]}")
+    b2u = _byte_to_unicode()
+    vocab = {PAD: 0, EOS: 1, **{b2u[ord(c)]: i + 2 for i, c in enumerate(uniq)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=PAD, clean_up_tokenization_spaces=False
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, clean_up_tokenization_spaces=False
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

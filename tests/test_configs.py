@@ -1,0 +1,260 @@
+"""Every YAML in ``configs/`` through the real ``vapo-pl`` parser.
+
+Full configs are parsed alone, overlays (``configs/ablations``, ``configs/strategies``) on top of the paper
+config, as their headers tell users to. Each is checked twice:
+
+- ``--print_config`` (exits 0 after parsing, loads nothing): every value the YAML sets survives into the
+  printed config, an overlay changes exactly the keys it names, and each config encodes its algorithm's
+  defining settings (ALGORITHMS.md).
+- ``validate_run_config`` on the parsed namespace, the cross-field checks ``vapo-pl fit`` runs before
+  instantiating anything. The configs point at cluster paths (``/models/...``, ``/data/...``) that do not
+  exist here, so those are overridden with the tiny local model and a bundled prompt file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vapo_pl.cli import ConfigError, build_parser, validate_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+PAPER = CONFIG_DIR / "vapo_qwen2.5_32b.yaml"
+FULL = sorted(CONFIG_DIR.glob("*.yaml"))
+OVERLAYS = sorted([*CONFIG_DIR.glob("ablations/*.yaml"), *CONFIG_DIR.glob("strategies/*.yaml")])
+STAND_IN_PROMPTS = "vapo_pl/data/gsm8k_test.jsonl"  # any existing prompt file: validation only checks it exists
+
+
+def _ids(paths):
+    return [str(p.relative_to(CONFIG_DIR)) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return build_parser()
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # configs name bundled files relative to the repository root
+
+
+def printed_config(parser, *configs: Path, extra: tuple[str, ...] = ()) -> dict:
+    """``vapo-pl fit --config ... --print_config``: must exit 0; returns the printed YAML."""
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(c)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([*args, *extra, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    # DeepSpeed's import logs a line to stdout when a DeepSpeed strategy is resolved; the dump starts at its header.
+    text = out.getvalue()
+    return yaml.safe_load(text[text.index("# lightning.pytorch=="):])
+
+
+def parsed_run_config(parser, tiny_model_dir, *configs: Path):
+    """The namespace ``vapo-pl fit`` would validate, with this machine's paths for models and prompts."""
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(c)]
+    args += [f"--model.init_args.model_path={tiny_model_dir}", f"--data.init_args.train_files={STAND_IN_PROMPTS}"]
+    if any("model.init_args.critic_path" in leaves(yaml.safe_load(c.read_text())) for c in configs):
+        args.append(f"--model.init_args.critic_path={tiny_model_dir}")  # ppo_vanilla: critic from a reward model
+    return parser.parse_args(args).fit
+
+
+def assert_contains(printed, given, where: str = "") -> None:
+    """Every value of ``given`` (a YAML as written) is in ``printed`` (the parsed, fully expanded config)."""
+    if isinstance(given, dict):
+        if isinstance(printed, str):  # a `str | Path | dict` value (DeepSpeed's config) is dumped as its string
+            printed = yaml.safe_load(printed)
+        assert isinstance(printed, dict), f"{where}: expected a mapping, got {printed!r}"
+        for key, value in given.items():
+            assert key in printed, f"{where}.{key} was dropped by the parser"
+            assert_contains(printed[key], value, f"{where}.{key}")
+    elif isinstance(given, list):
+        assert isinstance(printed, list) and len(printed) == len(given), f"{where}: {printed!r} != {given!r}"
+        for i, (p, g) in enumerate(zip(printed, given)):
+            assert_contains(p, g, f"{where}[{i}]")
+    else:
+        assert printed == given, f"{where}: printed {printed!r}, the YAML says {given!r}"
+
+
+def leaves(tree, prefix: str = "") -> dict:
+    """Dotted path -> value; lists are leaves (an overlay replaces a list as a whole)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(leaves(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def at(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def callback_classes(cfg: dict) -> list[str]:
+    return [cb["class_path"].rsplit(".", 1)[-1] for cb in cfg["trainer"]["callbacks"]]
+
+
+@pytest.fixture(scope="module")
+def paper_printed(parser):
+    return printed_config(parser, PAPER)
+
+
+def test_every_yaml_is_covered():
+    """A YAML in a new folder would otherwise never be parsed by these tests."""
+    everything = set(CONFIG_DIR.rglob("*.yaml")) | set(CONFIG_DIR.rglob("*.yml"))
+    assert everything == set(FULL) | set(OVERLAYS)
+    assert len(FULL) >= 12 and len(OVERLAYS) >= 11
+    for overlay in OVERLAYS:  # an overlay states only what it changes: no class, no model path
+        text = yaml.safe_load(overlay.read_text())
+        assert "model_path" not in leaves(text) and "model.class_path" not in leaves(text), overlay
+
+
+# What makes each full config the algorithm its header names (ALGORITHMS.md sections 1-3, the papers).
+ALGORITHM = "model.init_args.algorithm."
+DATA = "data.init_args."
+MATH_VERIFY = {"name": "math_verify", "weight": 1.0, "kwargs": {}}
+DEFINING = {
+    "vapo_qwen2.5_32b.yaml": {ALGORITHM + "estimator": "gae", ALGORITHM + "lambda_critic": 1.0,
+                              ALGORITHM + "length_adaptive_alpha": 0.05, ALGORITHM + "eps_low": 0.2,
+                              ALGORITHM + "eps_high": 0.28, ALGORITHM + "loss_agg_mode": "token-mean",
+                              ALGORITHM + "nll_coef": 0.1, ALGORITHM + "kl_reward_coef": 0.0,
+                              ALGORITHM + "kl_loss_coef": 0.0, ALGORITHM + "minibatch_size": 512,
+                              DATA + "prompts_per_step": 512, DATA + "samples_per_prompt": 16,
+                              DATA + "temperature": 1.0, "model.init_args.optim.actor_lr": 1e-6,
+                              "model.init_args.optim.critic_lr": 2e-6, "trainer.max_steps": 5000},
+    "ppo_vanilla.yaml": {ALGORITHM + "estimator": "gae", ALGORITHM + "lambda_policy": 0.95,
+                         ALGORITHM + "lambda_critic": 0.95, ALGORITHM + "length_adaptive_alpha": None,
+                         ALGORITHM + "eps_low": 0.2, ALGORITHM + "eps_high": 0.2,
+                         ALGORITHM + "loss_agg_mode": "seq-mean-token-mean", ALGORITHM + "nll_coef": 0.0,
+                         ALGORITHM + "minibatch_size": 512, "model.init_args.critic_init": "reward_model",
+                         DATA + "prompts_per_step": 8192, DATA + "samples_per_prompt": 1},
+    "grpo.yaml": {ALGORITHM + "estimator": "grpo", ALGORITHM + "norm_by_std": True, ALGORITHM + "kl_loss_coef": 0.001,
+                  ALGORITHM + "kl_loss_estimator": "k3", ALGORITHM + "loss_agg_mode": "seq-mean-token-mean"},
+    "dr_grpo.yaml": {ALGORITHM + "estimator": "dr_grpo", ALGORITHM + "loss_agg_mode": "seq-mean-token-sum-norm",
+                     ALGORITHM + "norm_length": 8192, DATA + "max_response_length": 8192},
+    "dapo.yaml": {ALGORITHM + "estimator": "grpo", ALGORITHM + "eps_low": 0.2, ALGORITHM + "eps_high": 0.28,
+                  ALGORITHM + "loss_agg_mode": "token-mean", ALGORITHM + "kl_loss_coef": 0.0,
+                  ALGORITHM + "kl_reward_coef": 0.0, DATA + "dynamic_sampling": True,
+                  DATA + "max_response_length": 20480,
+                  DATA + "reward": [MATH_VERIFY, {"name": "overlong", "weight": 1.0,
+                                                  "kwargs": {"max_length": 20480, "cache_length": 4096}}]},
+    "rloo.yaml": {ALGORITHM + "estimator": "rloo"},
+    "remax.yaml": {ALGORITHM + "estimator": "remax", DATA + "samples_per_prompt": 1},
+    "reinforce_pp.yaml": {ALGORITHM + "estimator": "reinforce_pp", ALGORITHM + "kl_reward_coef": 0.01,
+                          ALGORITHM + "kl_reward_estimator": "k1", DATA + "samples_per_prompt": 1},
+    "gspo.yaml": {ALGORITHM + "policy_loss": "gspo", ALGORITHM + "eps_low": 3e-4, ALGORITHM + "eps_high": 4e-4},
+    "cispo.yaml": {ALGORITHM + "policy_loss": "cispo"},
+    "aspo.yaml": {ALGORITHM + "policy_loss": "aspo", ALGORITHM + "dual_clip_c": 3.0},
+    "ttrl.yaml": {ALGORITHM + "estimator": "grpo", DATA + "samples_per_prompt": 64,
+                  DATA + "reward": [{"name": "ttrl", "weight": 1.0, "kwargs": {}}]},  # no gold-label reward
+}
+
+
+def test_every_full_config_has_its_defining_settings():
+    assert set(DEFINING) == {p.name for p in FULL}
+
+
+@pytest.mark.parametrize("config", FULL, ids=_ids(FULL))
+def test_full_config_parses_and_validates(parser, tiny_model_dir, config):
+    given = yaml.safe_load(config.read_text())
+    printed = printed_config(parser, config)
+    assert_contains(printed, given)
+    assert printed["model"]["class_path"] == "vapo_pl.VAPOModule"
+    assert printed["data"]["class_path"] == "vapo_pl.RolloutDataModule"
+    for path, value in DEFINING[config.name].items():
+        assert at(printed, path) == value, path
+    validate_run_config(parsed_run_config(parser, tiny_model_dir, config))
+
+
+def test_paper_config_callbacks(paper_printed):
+    """Value-Pretraining (50 steps) comes first; evaluation is AIME24 mean@32 at top_p 0.7, temperature 1.0."""
+    assert callback_classes(paper_printed)[0] == "ValuePretraining"
+    assert paper_printed["trainer"]["callbacks"][0]["init_args"]["steps"] == 50
+    evaluation = paper_printed["trainer"]["callbacks"][callback_classes(paper_printed).index("Evaluation")]
+    assert {k: evaluation["init_args"][k] for k in ("name", "samples_per_prompt", "temperature", "top_p")} == {
+        "name": "aime24", "samples_per_prompt": 32, "temperature": 1.0, "top_p": 0.7}
+
+
+# What each ablation changes on the paper config, as the paper's ablation table describes the row:
+# (dotted path, paper value, ablated value). Everything else must stay as in the paper config.
+ABLATIONS = {
+    "wo_clip_higher": [(ALGORITHM + "eps_high", 0.28, 0.2)],
+    "wo_decoupled_gae": [(ALGORITHM + "lambda_critic", 1.0, 0.95)],
+    "wo_group_sampling": [(DATA + "prompts_per_step", 512, 8192), (DATA + "samples_per_prompt", 16, 1)],
+    "wo_length_adaptive_gae": [(ALGORITHM + "length_adaptive_alpha", 0.05, None)],
+    "wo_positive_example_lm_loss": [(ALGORITHM + "nll_coef", 0.1, 0.0)],
+    "wo_token_level_loss": [(ALGORITHM + "loss_agg_mode", "token-mean", "seq-mean-token-mean")],
+    "wo_value_pretraining": [],  # the callback list, checked in the test
+}
+STRATEGIES = {"ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "deepspeed_zero2": "DeepSpeedStrategy",
+              "deepspeed_zero3": "DeepSpeedStrategy"}
+
+
+def test_every_overlay_is_described():
+    assert {p.stem for p in OVERLAYS} == set(ABLATIONS) | set(STRATEGIES)
+
+
+def _touches(key: str, named: set[str]) -> bool:
+    return any(key == n or key.startswith(n + ".") or n.startswith(key + ".") for n in named)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_ids(OVERLAYS))
+def test_overlay_on_paper_config(parser, tiny_model_dir, paper_printed, overlay):
+    given = yaml.safe_load(overlay.read_text())
+    printed = printed_config(parser, PAPER, overlay)
+    assert_contains(printed, given)
+
+    # The overlay changes what it names and nothing else.
+    base, merged, named = leaves(paper_printed), leaves(printed), set(leaves(given))
+    named |= {k.removesuffix(".class_path") for k in named if k.endswith(".class_path")}  # a new class: all its args
+    kept = {k for k in base if not _touches(k, named)}
+    assert kept == {k for k in merged if not _touches(k, named)}
+    for key in kept:
+        assert merged[key] == base[key], f"{overlay.name} changed {key} though it does not name it"
+    assert any(merged.get(k) != base.get(k) for k in named), f"{overlay.name} changes nothing"
+
+    if overlay.stem in STRATEGIES:
+        assert paper_printed["trainer"]["strategy"] == "auto"
+        assert printed["trainer"]["strategy"]["class_path"] == f"lightning.pytorch.strategies.{STRATEGIES[overlay.stem]}"
+    else:
+        for path, paper, ablated in ABLATIONS[overlay.stem]:
+            assert (at(paper_printed, path), at(printed, path)) == (paper, ablated), path
+    if overlay.stem == "wo_value_pretraining":
+        assert callback_classes(printed) == [c for c in callback_classes(paper_printed) if c != "ValuePretraining"]
+    if overlay.stem == "wo_group_sampling":  # the same rollout budget per step
+        d, d0 = printed["data"]["init_args"], paper_printed["data"]["init_args"]
+        assert d["prompts_per_step"] * d["samples_per_prompt"] == d0["prompts_per_step"] * d0["samples_per_prompt"]
+
+    validate_run_config(parsed_run_config(parser, tiny_model_dir, PAPER, overlay))
+
+
+def test_configs_do_not_validate_with_their_cluster_paths(parser):
+    """The overrides above are needed here: the paper config's /models path fails validation, naming it."""
+    cfg = parser.parse_args(["fit", "--config", str(PAPER), f"--data.init_args.train_files={STAND_IN_PROMPTS}"])
+    with pytest.raises(ConfigError, match=r"^model\.model_path: model directory /models/Qwen2\.5-32B does not exist"):
+        validate_run_config(cfg.fit)
+
+
+def test_printed_config_is_a_reusable_config(parser, tmp_path):
+    """``--print_config > run.yaml`` then ``--config run.yaml`` gives the same run, also for the DeepSpeed
+    overlay, whose ``config`` mapping jsonargparse prints as a quoted string."""
+    overlay = CONFIG_DIR / "strategies" / "deepspeed_zero3.yaml"
+    printed = printed_config(parser, PAPER, overlay)
+    saved = tmp_path / "run.yaml"
+    saved.write_text(yaml.safe_dump(printed))
+    cfg = parser.parse_args(["fit", "--config", str(saved)]).fit
+    assert cfg.trainer.strategy.init_args.config == yaml.safe_load(overlay.read_text())["trainer"]["strategy"][
+        "init_args"]["config"]
+    assert printed_config(parser, saved) == printed

@@ -1,0 +1,146 @@
+"""VAPOModule end to end on the tiny model (transformers engine unless a test says vLLM)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+
+class Recorder(pl.Callback):
+    """Keeps every step's metrics and the (rollout version, policy version) seen at consumption."""
+
+    def __init__(self):
+        self.metrics, self.versions = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics.append(dict(outputs["metrics"]))
+        self.versions.append((outputs["rollout"].weight_version, pl_module.policy_version - 1))
+
+
+def test_rl_steps_count_as_global_steps_and_log_section5_metrics(make_run, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    rec = Recorder()
+    module, dm, trainer = make_run(trainer=dict(max_steps=3, callbacks=[rec],
+                                                logger=TensorBoardLogger(str(tmp_path), name="tb")))
+    trainer.fit(module, dm)
+    # 3 RL steps, each 2 minibatches: Lightning alone would report 6 optimizer steps
+    assert trainer.global_step == module.rl_step == 3
+    assert module.policy_version == 3 and len(rec.metrics) == 3
+    logged = set(trainer.callback_metrics)
+    for key in ("actor/pg_loss", "actor/pg_clipfrac_low", "actor/pg_clipfrac_high", "actor/approx_kl",
+                "actor/entropy", "actor/grad_norm", "actor/nll_loss", "actor/lambda_policy_mean",
+                "critic/value_loss", "critic/explained_var", "critic/vf_clipfrac", "critic/grad_norm",
+                "critic/returns_mean", "actor/advantages_mean", "rollout/reward_mean", "rollout/acc",
+                "rollout/response_length_mean", "rollout/response_length_p90", "rollout/clip_ratio",
+                "perf/generate_s", "perf/forward_s", "perf/update_s", "perf/sync_s",
+                "perf/generate_tokens_per_s"):
+        assert key in logged, key
+    assert all(math.isfinite(m["actor/pg_loss"]) for m in rec.metrics)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("rollout/reward_mean")]
+    assert steps == [1, 2, 3]
+
+
+def test_every_rollout_comes_from_the_current_policy(make_run):
+    rec = Recorder()
+    module, dm, trainer = make_run(trainer=dict(max_steps=3, callbacks=[rec]))
+    trainer.fit(module, dm)
+    assert rec.versions == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_prefetching_loop_is_refused_as_off_policy(make_run):
+    """The same module driven by Lightning's default (prefetching) fetcher gets a batch generated one
+    update earlier; the version check must catch it."""
+    from vapo_pl import VAPOModule
+
+    class Prefetching(VAPOModule):
+        def training_step(self, batch, batch_idx):  # Lightning prefetches for this signature
+            out = self.rl_step_on(batch, {})
+            self.rl_step += 1
+            self._pin_global_step()
+            return out
+
+    module, dm, trainer = make_run(module_cls=Prefetching, trainer=dict(max_steps=3))
+    with pytest.raises(RuntimeError, match="off-policy rollout"):
+        trainer.fit(module, dm)
+
+
+def test_policy_improves_a_dense_reward(make_run):
+    """GRPO on 'share of 1s in the response': the trainer must push the reward up (sign and plumbing)."""
+    rec = Recorder()
+    module, dm, trainer = make_run(
+        algorithm=dict(estimator="grpo", nll_coef=0.0, length_adaptive_alpha=None, ppo_epochs=2),
+        data=dict(samples_per_prompt=8, prompts_per_step=4), trainer=dict(max_steps=12, callbacks=[rec]))
+    trainer.fit(module, dm)
+    rewards = [m["rollout/reward_mean"] for m in rec.metrics]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.05, rewards
+
+
+ALGORITHMS = {
+    "vapo": dict(),
+    "ppo_vanilla": dict(lambda_critic=0.95, length_adaptive_alpha=None, eps_high=0.2,
+                        loss_agg_mode="seq-mean-token-mean", nll_coef=0.0),
+    "grpo_kl_loss": dict(estimator="grpo", kl_loss_coef=0.01, nll_coef=0.0),
+    "dr_grpo": dict(estimator="dr_grpo", loss_agg_mode="seq-mean-token-sum-norm"),
+    "rloo": dict(estimator="rloo"),
+    "remax": dict(estimator="remax"),
+    "reinforce_pp_kl_reward": dict(estimator="reinforce_pp", kl_reward_coef=0.05, kl_target=0.1),
+    "gspo": dict(estimator="grpo", policy_loss="gspo", eps_low=3e-4, eps_high=4e-4),
+    "cispo": dict(estimator="grpo", policy_loss="cispo", eps_low=1.0),
+    "aspo": dict(estimator="grpo", policy_loss="aspo", dual_clip_c=3.0),
+    "dual_clip_ppo": dict(dual_clip_c=3.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_each_algorithm_runs_a_step(make_run, name):
+    rec = Recorder()
+    module, dm, trainer = make_run(algorithm=ALGORITHMS[name], trainer=dict(max_steps=1, callbacks=[rec]))
+    trainer.fit(module, dm)
+    m = rec.metrics[0]
+    assert math.isfinite(m["actor/pg_loss"]) and m["actor/grad_norm"] > 0
+    assert ("critic/value_loss" in m) == module.uses_critic
+    assert (module.ref_model is not None) == module.algorithm.uses_reference
+    if name == "remax":
+        assert rec.metrics and dm.greedy_baseline
+    if "kl_reward" in name:
+        assert "actor/kl_coef" in m and "actor/kl_ref" in m
+
+
+def test_dapo_dynamic_sampling_and_overlong(make_run):
+    rec = Recorder()
+    module, dm, trainer = make_run(
+        algorithm=dict(estimator="grpo", nll_coef=0.0),
+        data=dict(dynamic_sampling=True, max_sampling_rounds=3, reward=[]),
+        reward="tests.trainer.task_rewards.coin", trainer=dict(max_steps=2, callbacks=[rec]))
+    from vapo_pl.rewards.base import CompositeReward, RewardTerm
+
+    dm.reward_terms = [RewardTerm(name="tests.trainer.task_rewards.coin"),
+                       RewardTerm(name="overlong", kwargs={"max_length": 12, "cache_length": 4})]
+    dm.reward_fn = CompositeReward(dm.reward_terms)
+    trainer.fit(module, dm)
+    m = rec.metrics[-1]
+    assert 0 < m["rollout/dynamic_sampling_kept_share"] <= 1
+    assert "reward/overlong" in m and m["reward/overlong"] <= 0
+
+
+def test_value_pretraining_then_rl(make_run, tmp_path):
+    from callbacks import ValuePretraining
+
+    vp = ValuePretraining(steps=3, save_path=str(tmp_path / "critic.pt"))
+    rec = Recorder()
+    module, dm, trainer = make_run(trainer=dict(max_steps=1, callbacks=[vp, rec]))
+    trainer.fit(module, dm)
+    assert vp.done and vp.steps_done == 3 and len(vp.history) == 3
+    # pretraining changed only the critic, and the first RL rollout still came from version 0
+    assert rec.versions == [(0, 0)] and trainer.global_step == 1
+    saved = torch.load(tmp_path / "critic.pt", weights_only=True)
+    assert set(saved) == set(module.critic.state_dict())

