@@ -30,6 +30,11 @@ CLI_KWARGS: dict[str, Any] = {
     "subclass_mode_model": True,
     "subclass_mode_data": True,
     "save_config_kwargs": {"overwrite": True},
+    "parser_kwargs": {
+        "description": "vapo-pl: VAPO and its sibling RL algorithms for reasoning language models, on PyTorch "
+        "Lightning. Example: vapo-pl fit --config configs/vapo_qwen2.5_32b.yaml --config "
+        "configs/strategies/fsdp2.yaml --model.init_args.algorithm.eps_high=0.28",
+    },
 }
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # baselines computed within a prompt's samples
 

@@ -125,3 +125,10 @@ class OptimConfig:
             if v is not None and not v > 0:
                 raise ValueError(f"optim.{name} must be > 0 or null, got {v}")
         self.betas = tuple(self.betas)
+
+
+# Checkpoints store the module's hyper-parameters (these dataclasses); let `torch.load(weights_only=True)`,
+# which Lightning uses on resume, reconstruct them.
+import torch  # noqa: E402
+
+torch.serialization.add_safe_globals([AlgorithmConfig, OptimConfig])

@@ -75,7 +75,9 @@ def test_checkpoint_generation_config_is_ignored(model):
 
 def test_finish_reasons_stop_with_eos_and_length(model):
     max_tokens = 40
-    out = HFEngine(model).generate(PROMPTS[:2], Sampling(n=32, temperature=1.0, max_tokens=max_tokens, seed=3))
+    out = HFEngine(model).generate(
+        PROMPTS[:2], Sampling(n=32, temperature=1.0, max_tokens=max_tokens, seed=3)
+    )
     completions = [c for per_prompt in out for c in per_prompt]
     assert {c.finish_reason for c in completions} == {"stop", "length"}  # p(EOS) ~ 1/97 per token, seeded
     for c in completions:
@@ -103,7 +105,10 @@ def test_seeded_calls_reproduce_streams_differ_and_global_rng_is_untouched(model
     other_rank = HFEngine(model, rank=1, max_batch_size=5).generate(prompts, sampling)
     assert [c.token_ids for c in other_rank[0]] != [c.token_ids for c in first[0]]
     unseeded = Sampling(n=2, temperature=1.0, max_tokens=16)
-    assert engine.generate(prompts, unseeded)[0][0].token_ids != engine.generate(prompts, unseeded)[0][0].token_ids
+    assert (
+        engine.generate(prompts, unseeded)[0][0].token_ids
+        != engine.generate(prompts, unseeded)[0][0].token_ids
+    )
 
 
 def test_shared_module_sees_trainer_updates_without_copy(tiny_model_dir):
@@ -152,7 +157,9 @@ def test_derive_seed_separates_nearby_inputs():
 
 def test_factory_builds_hf_and_rejects_bad_input(tiny_model_dir, tmp_path):
     assert isinstance(build_engine("hf", tiny_model_dir, dtype="float32"), HFEngine)
-    with pytest.raises(ValueError, match=r"kind: unknown rollout engine 'sglang'; choose one of \['vllm', 'hf'\]"):
+    with pytest.raises(
+        ValueError, match=r"kind: unknown rollout engine 'sglang'; choose one of \['vllm', 'hf'\]"
+    ):
         build_engine("sglang", tiny_model_dir)
     missing = tmp_path / "no_such_model"
     for kind in ("vllm", "hf"):

@@ -57,7 +57,9 @@ def test_greedy_matches_transformers_after_weight_sync(engine, synced):
 def test_logprobs_are_those_of_the_sampling_distribution(engine, synced, temperature, top_k):
     """Each returned log-prob equals log_softmax(logits / T) (top-k masked, renormalised) of a forward pass."""
     model, _ = synced
-    out = engine.generate(PROMPTS[:3], Sampling(n=3, temperature=temperature, top_k=top_k, max_tokens=20, seed=1))
+    out = engine.generate(
+        PROMPTS[:3], Sampling(n=3, temperature=temperature, top_k=top_k, max_tokens=20, seed=1)
+    )
     for prompt, completions in zip(PROMPTS[:3], out):
         for c in completions:
             assert len(c.logprobs) == len(c.token_ids) > 0
@@ -86,7 +88,12 @@ def test_finish_reasons_stop_with_eos_and_length(engine, synced):
 def test_seeded_calls_reproduce_and_streams_differ(engine, synced):
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]  # a repeated prompt must still get its own samples
     sampling = Sampling(n=4, temperature=1.0, max_tokens=16, seed=11)
-    first, second = engine.generate(prompts, sampling), engine.generate(prompts, sampling)
+    torch.manual_seed(123)
+    first = engine.generate(prompts, sampling)
+    after_call = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_call)  # the trainer's global RNG was neither read nor advanced
+    second = engine.generate(prompts, sampling)
     assert [[(c.token_ids, c.logprobs) for c in p] for p in first] == [
         [(c.token_ids, c.logprobs) for c in p] for p in second
     ]
@@ -128,7 +135,10 @@ def test_update_weights_rejects_empty(engine):
 def test_tied_embeddings_sync(tiny_tied_model_dir):
     model = load_hf(tiny_tied_model_dir)
     state = model.state_dict()
-    assert "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    assert (
+        "lm_head.weight" in state
+        and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    )
     tied = VLLMEngine(tiny_tied_model_dir, dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
     perturb_(model, scale=0.5, seed=1)
     before = [c[0].token_ids for c in tied.generate(PROMPTS, GREEDY)]

@@ -107,25 +107,30 @@ class HFEngine(RolloutEngine):
         n = sampling.n
         return [completions[i : i + n] for i in range(0, len(completions), n)]
 
-    def _generate_rows(self, rows: list[list[int]], sampling: Sampling, device: torch.device) -> list[Completion]:
+    def _generate_rows(
+        self, rows: list[list[int]], sampling: Sampling, device: torch.device
+    ) -> list[Completion]:
         from transformers import GenerationConfig
 
         prompts = [torch.tensor(ids, dtype=torch.long) for ids in rows]
-        input_ids = pad_sequence(prompts, batch_first=True, padding_value=self.pad_token_id, padding_side="left")
+        input_ids = pad_sequence(
+            prompts, batch_first=True, padding_value=self.pad_token_id, padding_side="left"
+        )
         lengths = torch.tensor([len(ids) for ids in rows])  # (N,)
         positions = torch.arange(input_ids.shape[1])
         attention_mask = (positions >= input_ids.shape[1] - lengths[:, None]).long()  # (N, P) left pad = 0
 
         greedy = sampling.temperature == 0
-        # Greedy leaves the warper fields unset: generate() fills them with neutral defaults it ignores.
-        warpers = {} if greedy else dict(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=max(sampling.top_k, 0),  # HF: 0 disables
-        )
+        warpers = {}  # greedy leaves them unset: generate() fills in neutral defaults it then ignores
+        if not greedy:
+            warpers = {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": max(sampling.top_k, 0),
+            }
         config = GenerationConfig(
             do_sample=not greedy,
-            **warpers,
+            **warpers,  # top_k 0 disables it in HF
             max_new_tokens=sampling.max_tokens,
             min_new_tokens=0,
             repetition_penalty=1.0,
@@ -138,7 +143,9 @@ class HFEngine(RolloutEngine):
         self.model.eval()
         try:
             out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
             )
         finally:
             self.model.train(was_training)
@@ -148,7 +155,11 @@ class HFEngine(RolloutEngine):
         # double the memory generate() already holds for its scores.
         logprobs = torch.stack(
             [
-                scores.float().log_softmax(-1).gather(1, response[:, t : t + 1].to(scores.device)).squeeze(1).cpu()
+                scores.float()
+                .log_softmax(-1)
+                .gather(1, response[:, t : t + 1].to(scores.device))
+                .squeeze(1)
+                .cpu()
                 for t, scores in enumerate(out.scores)
             ],
             dim=1,

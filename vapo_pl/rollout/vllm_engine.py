@@ -13,7 +13,8 @@ Seeds: vLLM 0.32 gives the ``n`` children of a seeded request the seeds ``seed, 
 seed + n - 1`` (``v1/engine/parallel_sampling.py``), so one seeded request with ``n > 1`` already gives
 ``n`` different samples; no expansion into ``n`` requests is needed. What must be avoided is giving
 every prompt the same seed: on a nearly flat distribution the same noise picks the same tokens for
-different prompts. Prompt ``i`` of a call therefore gets ``derive_seed(call_seed, replica) + i * n``,
+different prompts (seen on the tiny random model: two different prompts, one seed, identical samples).
+Prompt ``i`` of a call therefore gets ``derive_seed(call_seed, replica) + i * n``,
 which keeps every (call, replica, prompt, sample) stream distinct, and a call with the same
 ``Sampling.seed`` on the same weights is reproducible. A call without a seed draws its call seed from
 an engine-private RNG seeded at construction, so the trainer's global RNG is never read or advanced.
@@ -49,8 +50,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 def _preserved_global_rng() -> Iterator[None]:
     """Restore Python/NumPy/torch global RNG states after the block.
 
-    vLLM's worker calls ``random.seed``/``np.random.seed``/``torch.manual_seed`` with the engine seed
-    while it starts; in process, that would silently reseed the trainer.
+    In process, vLLM would otherwise touch the trainer's RNGs: its worker reseeds ``random``, NumPy and
+    torch with the engine seed while it starts, and its CPU sampler draws from torch's every step.
     """
     import numpy as np
 
@@ -76,7 +77,8 @@ class VLLMEngine(RolloutEngine):
             already set (the environment wins). Ignored on GPUs.
         tensor_parallel_size: GPUs per engine replica.
         enable_sleep_mode: let ``sleep``/``wake_up`` release GPU memory (CUDA only; ignored on CPU).
-        enforce_eager: skip CUDA graphs / ``torch.compile`` (faster start, slower decoding).
+        enforce_eager: skip CUDA graphs / ``torch.compile``: faster start, possibly slower decoding. On CPU
+            the compiled start took 45-90 s here on a cold cache (vLLM keys it on the model path).
         enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the ``n`` samples of a prompt).
         seed: base seed; the engine is seeded with ``seed + replica``.
         rank: global rank; default ``torch.distributed.get_rank()`` when a process group exists, else 0.
@@ -133,20 +135,20 @@ class VLLMEngine(RolloutEngine):
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_space_gb)))
 
-        kwargs: dict[str, Any] = dict(
-            model=str(path),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=self.seed,
-            logprobs_mode="processed_logprobs",
+        kwargs: dict[str, Any] = {
+            "model": str(path),
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": enforce_eager,
+            "enable_prefix_caching": enable_prefix_caching,
+            "seed": self.seed,
+            "logprobs_mode": "processed_logprobs",
             # Only our SamplingParams count: no defaults (repetition penalty, top-k ...) from the
             # checkpoint's generation_config.json.
-            generation_config="vllm",
-        )
+            "generation_config": "vllm",
+        }
         if self.sleep_enabled:
             kwargs["enable_sleep_mode"] = True
         if distributed:
@@ -168,20 +170,23 @@ class VLLMEngine(RolloutEngine):
         n = sampling.n
         call_seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(62)
         base = derive_seed(call_seed, self.replica)
-        common = dict(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=max(sampling.top_k, 0),  # vLLM: 0 disables
-            max_tokens=sampling.max_tokens,
-            logprobs=0,  # the sampled token's log-prob only
-            flat_logprobs=True,  # one flat float list per sample, no per-token dicts
-            detokenize=False,
-        )
+        common = {
+            "n": n,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": max(sampling.top_k, 0),  # vLLM: 0 disables
+            "max_tokens": sampling.max_tokens,
+            "logprobs": 0,  # the sampled token's log-prob only
+            "flat_logprobs": True,  # one flat float list per sample, no per-token dicts
+            "detokenize": False,
+        }
         # vLLM gives the n children of prompt i the seeds base + i*n + j, j < n: all distinct.
         params = [SamplingParams(seed=base + i * n, **common) for i in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        # vLLM's CPU sampler draws a per-row seed from the global torch RNG every step (then overrides
+        # it for seeded rows): keep the trainer's stream where it was.
+        with _preserved_global_rng():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[_to_completion(c) for c in sorted(out.outputs, key=attrgetter("index"))] for out in outputs]
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
