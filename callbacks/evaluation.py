@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vapo_pl.datamodule import derive_seed
+from vapo_pl.common import derive_seed
 from vapo_pl.rollout.base import Sampling
 
 _EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training rollouts' seeds

@@ -27,7 +27,7 @@ CONFIG_DIR = REPO / "configs"
 PAPER = CONFIG_DIR / "vapo_qwen2.5_32b.yaml"
 FULL = sorted(CONFIG_DIR.glob("*.yaml"))
 OVERLAYS = sorted([*CONFIG_DIR.glob("ablations/*.yaml"), *CONFIG_DIR.glob("strategies/*.yaml")])
-STAND_IN_PROMPTS = "vapo_pl/data/gsm8k_test.jsonl"  # any existing prompt file: validation only checks it exists
+STAND_IN_PROMPTS = "vapo_pl/data/gsm8k_test.jsonl"  # an existing prompt file (validation checks existence)
 
 
 def _ids(paths):
@@ -44,16 +44,16 @@ def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # configs name bundled files relative to the repository root
 
 
-def printed_config(parser, *configs: Path, extra: tuple[str, ...] = ()) -> dict:
+def printed_config(parser, *configs: Path) -> dict:
     """``vapo-pl fit --config ... --print_config``: must exit 0; returns the printed YAML."""
     args = ["fit"]
     for c in configs:
         args += ["--config", str(c)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        parser.parse_args([*args, *extra, "--print_config"])
+        parser.parse_args([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    # DeepSpeed's import logs a line to stdout when a DeepSpeed strategy is resolved; the dump starts at its header.
+    # Resolving a DeepSpeed strategy imports deepspeed, which logs to stdout: start at the dump's header.
     text = out.getvalue()
     return yaml.safe_load(text[text.index("# lightning.pytorch=="):])
 
@@ -63,16 +63,17 @@ def parsed_run_config(parser, tiny_model_dir, *configs: Path):
     args = ["fit"]
     for c in configs:
         args += ["--config", str(c)]
-    args += [f"--model.init_args.model_path={tiny_model_dir}", f"--data.init_args.train_files={STAND_IN_PROMPTS}"]
+    args += [f"--model.init_args.model_path={tiny_model_dir}",
+             f"--data.init_args.train_files={STAND_IN_PROMPTS}"]
     if any("model.init_args.critic_path" in leaves(yaml.safe_load(c.read_text())) for c in configs):
-        args.append(f"--model.init_args.critic_path={tiny_model_dir}")  # ppo_vanilla: critic from a reward model
+        args.append(f"--model.init_args.critic_path={tiny_model_dir}")  # ppo_vanilla: a reward-model critic
     return parser.parse_args(args).fit
 
 
 def assert_contains(printed, given, where: str = "") -> None:
     """Every value of ``given`` (a YAML as written) is in ``printed`` (the parsed, fully expanded config)."""
     if isinstance(given, dict):
-        if isinstance(printed, str):  # a `str | Path | dict` value (DeepSpeed's config) is dumped as its string
+        if isinstance(printed, str):  # a `str | Path | dict` value (DeepSpeed's config) is dumped as a string
             printed = yaml.safe_load(printed)
         assert isinstance(printed, dict), f"{where}: expected a mapping, got {printed!r}"
         for key, value in given.items():
@@ -121,44 +122,49 @@ def test_every_yaml_is_covered():
         assert "model_path" not in leaves(text) and "model.class_path" not in leaves(text), overlay
 
 
+def algo(**values) -> dict:
+    return {f"model.init_args.algorithm.{k}": v for k, v in values.items()}
+
+
+def data(**values) -> dict:
+    return {f"data.init_args.{k}": v for k, v in values.items()}
+
+
 # What makes each full config the algorithm its header names (ALGORITHMS.md sections 1-3, the papers).
-ALGORITHM = "model.init_args.algorithm."
-DATA = "data.init_args."
 MATH_VERIFY = {"name": "math_verify", "weight": 1.0, "kwargs": {}}
+OVERLONG = {"name": "overlong", "weight": 1.0, "kwargs": {"max_length": 20480, "cache_length": 4096}}
 DEFINING = {
-    "vapo_qwen2.5_32b.yaml": {ALGORITHM + "estimator": "gae", ALGORITHM + "lambda_critic": 1.0,
-                              ALGORITHM + "length_adaptive_alpha": 0.05, ALGORITHM + "eps_low": 0.2,
-                              ALGORITHM + "eps_high": 0.28, ALGORITHM + "loss_agg_mode": "token-mean",
-                              ALGORITHM + "nll_coef": 0.1, ALGORITHM + "kl_reward_coef": 0.0,
-                              ALGORITHM + "kl_loss_coef": 0.0, ALGORITHM + "minibatch_size": 512,
-                              DATA + "prompts_per_step": 512, DATA + "samples_per_prompt": 16,
-                              DATA + "temperature": 1.0, "model.init_args.optim.actor_lr": 1e-6,
-                              "model.init_args.optim.critic_lr": 2e-6, "trainer.max_steps": 5000},
-    "ppo_vanilla.yaml": {ALGORITHM + "estimator": "gae", ALGORITHM + "lambda_policy": 0.95,
-                         ALGORITHM + "lambda_critic": 0.95, ALGORITHM + "length_adaptive_alpha": None,
-                         ALGORITHM + "eps_low": 0.2, ALGORITHM + "eps_high": 0.2,
-                         ALGORITHM + "loss_agg_mode": "seq-mean-token-mean", ALGORITHM + "nll_coef": 0.0,
-                         ALGORITHM + "minibatch_size": 512, "model.init_args.critic_init": "reward_model",
-                         DATA + "prompts_per_step": 8192, DATA + "samples_per_prompt": 1},
-    "grpo.yaml": {ALGORITHM + "estimator": "grpo", ALGORITHM + "norm_by_std": True, ALGORITHM + "kl_loss_coef": 0.001,
-                  ALGORITHM + "kl_loss_estimator": "k3", ALGORITHM + "loss_agg_mode": "seq-mean-token-mean"},
-    "dr_grpo.yaml": {ALGORITHM + "estimator": "dr_grpo", ALGORITHM + "loss_agg_mode": "seq-mean-token-sum-norm",
-                     ALGORITHM + "norm_length": 8192, DATA + "max_response_length": 8192},
-    "dapo.yaml": {ALGORITHM + "estimator": "grpo", ALGORITHM + "eps_low": 0.2, ALGORITHM + "eps_high": 0.28,
-                  ALGORITHM + "loss_agg_mode": "token-mean", ALGORITHM + "kl_loss_coef": 0.0,
-                  ALGORITHM + "kl_reward_coef": 0.0, DATA + "dynamic_sampling": True,
-                  DATA + "max_response_length": 20480,
-                  DATA + "reward": [MATH_VERIFY, {"name": "overlong", "weight": 1.0,
-                                                  "kwargs": {"max_length": 20480, "cache_length": 4096}}]},
-    "rloo.yaml": {ALGORITHM + "estimator": "rloo"},
-    "remax.yaml": {ALGORITHM + "estimator": "remax", DATA + "samples_per_prompt": 1},
-    "reinforce_pp.yaml": {ALGORITHM + "estimator": "reinforce_pp", ALGORITHM + "kl_reward_coef": 0.01,
-                          ALGORITHM + "kl_reward_estimator": "k1", DATA + "samples_per_prompt": 1},
-    "gspo.yaml": {ALGORITHM + "policy_loss": "gspo", ALGORITHM + "eps_low": 3e-4, ALGORITHM + "eps_high": 4e-4},
-    "cispo.yaml": {ALGORITHM + "policy_loss": "cispo"},
-    "aspo.yaml": {ALGORITHM + "policy_loss": "aspo", ALGORITHM + "dual_clip_c": 3.0},
-    "ttrl.yaml": {ALGORITHM + "estimator": "grpo", DATA + "samples_per_prompt": 64,
-                  DATA + "reward": [{"name": "ttrl", "weight": 1.0, "kwargs": {}}]},  # no gold-label reward
+    "vapo_qwen2.5_32b.yaml": {
+        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=0.05, eps_low=0.2, eps_high=0.28,
+               loss_agg_mode="token-mean", nll_coef=0.1, kl_reward_coef=0.0, kl_loss_coef=0.0,
+               minibatch_size=512),
+        **data(prompts_per_step=512, samples_per_prompt=16, temperature=1.0),
+        "model.init_args.optim.actor_lr": 1e-6, "model.init_args.optim.critic_lr": 2e-6,
+        "trainer.max_steps": 5000,
+    },
+    "ppo_vanilla.yaml": {
+        **algo(estimator="gae", lambda_policy=0.95, lambda_critic=0.95, length_adaptive_alpha=None,
+               eps_low=0.2, eps_high=0.2, loss_agg_mode="seq-mean-token-mean", nll_coef=0.0,
+               minibatch_size=512),
+        **data(prompts_per_step=8192, samples_per_prompt=1),
+        "model.init_args.critic_init": "reward_model",
+    },
+    "grpo.yaml": algo(estimator="grpo", norm_by_std=True, kl_loss_coef=0.001, kl_loss_estimator="k3",
+                      loss_agg_mode="seq-mean-token-mean"),
+    "dr_grpo.yaml": {**algo(estimator="dr_grpo", loss_agg_mode="seq-mean-token-sum-norm", norm_length=8192),
+                     **data(max_response_length=8192)},
+    "dapo.yaml": {**algo(estimator="grpo", eps_low=0.2, eps_high=0.28, loss_agg_mode="token-mean",
+                         kl_loss_coef=0.0, kl_reward_coef=0.0),
+                  **data(dynamic_sampling=True, max_response_length=20480, reward=[MATH_VERIFY, OVERLONG])},
+    "rloo.yaml": algo(estimator="rloo"),
+    "remax.yaml": {**algo(estimator="remax"), **data(samples_per_prompt=1)},
+    "reinforce_pp.yaml": {**algo(estimator="reinforce_pp", kl_reward_coef=0.01, kl_reward_estimator="k1"),
+                          **data(samples_per_prompt=1)},
+    "gspo.yaml": algo(policy_loss="gspo", eps_low=3e-4, eps_high=4e-4),
+    "cispo.yaml": algo(policy_loss="cispo"),
+    "aspo.yaml": algo(policy_loss="aspo", dual_clip_c=3.0),
+    "ttrl.yaml": {**algo(estimator="grpo"),  # the majority-vote reward only, no gold-label term
+                  **data(samples_per_prompt=64, reward=[{"name": "ttrl", "weight": 1.0, "kwargs": {}}])},
 }
 
 
@@ -179,24 +185,25 @@ def test_full_config_parses_and_validates(parser, tiny_model_dir, config):
 
 
 def test_paper_config_callbacks(paper_printed):
-    """Value-Pretraining (50 steps) comes first; evaluation is AIME24 mean@32 at top_p 0.7, temperature 1.0."""
+    """Value-Pretraining (50 steps) comes first; evaluation is AIME24 mean@32, top_p 0.7, temperature 1.0."""
+    callbacks = paper_printed["trainer"]["callbacks"]
     assert callback_classes(paper_printed)[0] == "ValuePretraining"
-    assert paper_printed["trainer"]["callbacks"][0]["init_args"]["steps"] == 50
-    evaluation = paper_printed["trainer"]["callbacks"][callback_classes(paper_printed).index("Evaluation")]
-    assert {k: evaluation["init_args"][k] for k in ("name", "samples_per_prompt", "temperature", "top_p")} == {
+    assert callbacks[0]["init_args"]["steps"] == 50
+    evaluation = callbacks[callback_classes(paper_printed).index("Evaluation")]["init_args"]
+    assert {k: evaluation[k] for k in ("name", "samples_per_prompt", "temperature", "top_p")} == {
         "name": "aime24", "samples_per_prompt": 32, "temperature": 1.0, "top_p": 0.7}
 
 
 # What each ablation changes on the paper config, as the paper's ablation table describes the row:
-# (dotted path, paper value, ablated value). Everything else must stay as in the paper config.
+# {dotted path: (paper value, ablated value)}. Everything else must stay as in the paper config.
 ABLATIONS = {
-    "wo_clip_higher": [(ALGORITHM + "eps_high", 0.28, 0.2)],
-    "wo_decoupled_gae": [(ALGORITHM + "lambda_critic", 1.0, 0.95)],
-    "wo_group_sampling": [(DATA + "prompts_per_step", 512, 8192), (DATA + "samples_per_prompt", 16, 1)],
-    "wo_length_adaptive_gae": [(ALGORITHM + "length_adaptive_alpha", 0.05, None)],
-    "wo_positive_example_lm_loss": [(ALGORITHM + "nll_coef", 0.1, 0.0)],
-    "wo_token_level_loss": [(ALGORITHM + "loss_agg_mode", "token-mean", "seq-mean-token-mean")],
-    "wo_value_pretraining": [],  # the callback list, checked in the test
+    "wo_clip_higher": algo(eps_high=(0.28, 0.2)),
+    "wo_decoupled_gae": algo(lambda_critic=(1.0, 0.95)),
+    "wo_group_sampling": data(prompts_per_step=(512, 8192), samples_per_prompt=(16, 1)),
+    "wo_length_adaptive_gae": algo(length_adaptive_alpha=(0.05, None)),
+    "wo_positive_example_lm_loss": algo(nll_coef=(0.1, 0.0)),
+    "wo_token_level_loss": algo(loss_agg_mode=("token-mean", "seq-mean-token-mean")),
+    "wo_value_pretraining": {},  # the callback list, checked in the test
 }
 STRATEGIES = {"ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "deepspeed_zero2": "DeepSpeedStrategy",
               "deepspeed_zero3": "DeepSpeedStrategy"}
@@ -218,7 +225,8 @@ def test_overlay_on_paper_config(parser, tiny_model_dir, paper_printed, overlay)
 
     # The overlay changes what it names and nothing else.
     base, merged, named = leaves(paper_printed), leaves(printed), set(leaves(given))
-    named |= {k.removesuffix(".class_path") for k in named if k.endswith(".class_path")}  # a new class: all its args
+    # A class_path replaces the whole subtree (a strategy's init_args come with it).
+    named |= {k.removesuffix(".class_path") for k in named if k.endswith(".class_path")}
     kept = {k for k in base if not _touches(k, named)}
     assert kept == {k for k in merged if not _touches(k, named)}
     for key in kept:
@@ -227,34 +235,55 @@ def test_overlay_on_paper_config(parser, tiny_model_dir, paper_printed, overlay)
 
     if overlay.stem in STRATEGIES:
         assert paper_printed["trainer"]["strategy"] == "auto"
-        assert printed["trainer"]["strategy"]["class_path"] == f"lightning.pytorch.strategies.{STRATEGIES[overlay.stem]}"
+        strategy = printed["trainer"]["strategy"]["class_path"]
+        assert strategy == f"lightning.pytorch.strategies.{STRATEGIES[overlay.stem]}"
     else:
-        for path, paper, ablated in ABLATIONS[overlay.stem]:
+        for path, (paper, ablated) in ABLATIONS[overlay.stem].items():
             assert (at(paper_printed, path), at(printed, path)) == (paper, ablated), path
     if overlay.stem == "wo_value_pretraining":
-        assert callback_classes(printed) == [c for c in callback_classes(paper_printed) if c != "ValuePretraining"]
+        paper_callbacks = callback_classes(paper_printed)
+        assert callback_classes(printed) == [c for c in paper_callbacks if c != "ValuePretraining"]
     if overlay.stem == "wo_group_sampling":  # the same rollout budget per step
         d, d0 = printed["data"]["init_args"], paper_printed["data"]["init_args"]
-        assert d["prompts_per_step"] * d["samples_per_prompt"] == d0["prompts_per_step"] * d0["samples_per_prompt"]
+        budget, paper_budget = (x["prompts_per_step"] * x["samples_per_prompt"] for x in (d, d0))
+        assert budget == paper_budget
 
     validate_run_config(parsed_run_config(parser, tiny_model_dir, PAPER, overlay))
 
 
 def test_configs_do_not_validate_with_their_cluster_paths(parser):
     """The overrides above are needed here: the paper config's /models path fails validation, naming it."""
-    cfg = parser.parse_args(["fit", "--config", str(PAPER), f"--data.init_args.train_files={STAND_IN_PROMPTS}"])
-    with pytest.raises(ConfigError, match=r"^model\.model_path: model directory /models/Qwen2\.5-32B does not exist"):
+    args = ["fit", "--config", str(PAPER), f"--data.init_args.train_files={STAND_IN_PROMPTS}"]
+    cfg = parser.parse_args(args)
+    with pytest.raises(ConfigError, match=r"^model\.model_path: .*/models/Qwen2\.5-32B"):
         validate_run_config(cfg.fit)
 
 
 def test_printed_config_is_a_reusable_config(parser, tmp_path):
-    """``--print_config > run.yaml`` then ``--config run.yaml`` gives the same run, also for the DeepSpeed
-    overlay, whose ``config`` mapping jsonargparse prints as a quoted string."""
+    """``--print_config > run.yaml`` then ``--config run.yaml`` restores the run, also for the DeepSpeed
+    overlay, whose ``config`` mapping jsonargparse prints as a quoted string (LightningCLI saves the same
+    dump as the run's config.yaml)."""
     overlay = CONFIG_DIR / "strategies" / "deepspeed_zero3.yaml"
     printed = printed_config(parser, PAPER, overlay)
     saved = tmp_path / "run.yaml"
     saved.write_text(yaml.safe_dump(printed))
     cfg = parser.parse_args(["fit", "--config", str(saved)]).fit
-    assert cfg.trainer.strategy.init_args.config == yaml.safe_load(overlay.read_text())["trainer"]["strategy"][
-        "init_args"]["config"]
-    assert printed_config(parser, saved) == printed
+    assert cfg.trainer.strategy.init_args.config == at(yaml.safe_load(overlay.read_text()),
+                                                       "trainer.strategy.init_args.config")
+    assert cfg.model.init_args.algorithm.eps_high == 0.28 and cfg.data.init_args.samples_per_prompt == 16
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_held_out_files_load_with_the_configured_keys(path):
+    """Every config's val_files must load with its val keys (AIME24 rows say problem, not prompt)."""
+    import yaml
+
+    from vapo_pl.prompts import load_prompts
+
+    data = yaml.safe_load(path.read_text())["data"]["init_args"]
+    if not data.get("val_files"):
+        return
+    records = load_prompts(str(REPO / data["val_files"]),
+                           data.get("val_prompt_key") or data.get("prompt_key", "prompt"),
+                           data.get("val_answer_key") or data.get("answer_key", "answer"))
+    assert records and all(r.answer for r in records)

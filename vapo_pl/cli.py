@@ -18,11 +18,11 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must live in the trainer process
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from vapo_pl.datamodule import RolloutDataModule  # noqa: E402
-from vapo_pl.module import VAPOModule  # noqa: E402
+from vapo_pl.datamodule import RolloutDataModule
+from vapo_pl.module import VAPOModule
 
 CLI_KWARGS: dict[str, Any] = {
     "model_class": VAPOModule,
@@ -31,8 +31,8 @@ CLI_KWARGS: dict[str, Any] = {
     "subclass_mode_data": True,
     "save_config_kwargs": {"overwrite": True},
     "parser_kwargs": {
-        "description": "vapo-pl: VAPO and its sibling RL algorithms for reasoning language models, on PyTorch "
-        "Lightning. Example: vapo-pl fit --config configs/vapo_qwen2.5_32b.yaml --config "
+        "description": "vapo-pl: VAPO and its sibling RL algorithms for reasoning language models, on "
+        "PyTorch Lightning. Example: vapo-pl fit --config configs/vapo_qwen2.5_32b.yaml --config "
         "configs/strategies/fsdp2.yaml --model.init_args.algorithm.eps_high=0.28",
     },
 }
@@ -68,7 +68,7 @@ def _as_list(x) -> list:
 
 
 def _world_size(trainer_cfg) -> int:
-    """Ranks implied by ``trainer.devices`` x ``trainer.num_nodes``; 0 when only known at run time ("auto", -1)."""
+    """Ranks from ``trainer.devices`` x ``trainer.num_nodes``; 0 if known only at run time ("auto", -1)."""
     devices = _get(trainer_cfg, "devices", "auto")
     nodes = int(_get(trainer_cfg, "num_nodes", 1))
     if isinstance(devices, int):
@@ -83,7 +83,7 @@ def _world_size(trainer_cfg) -> int:
 
 
 def _build(cls, ns, prefix: str):
-    """``cls(**ns)``, its one-line ``ValueError`` re-raised with the field's full path (``prefix`` + its own)."""
+    """``cls(**ns)``; its one-line ``ValueError`` re-raised with the field's full path (``prefix`` + own)."""
     try:
         return cls(**_as_dict(ns))
     except (TypeError, ValueError) as e:
@@ -101,7 +101,7 @@ def _class_of(class_path: str):
 
 
 def _check_paths(model, data) -> None:
-    from vapo_pl.checks import require_model_dir
+    from vapo_pl.common import require_model_dir
 
     try:
         require_model_dir(_get(model, "model_path"), "model.model_path")
@@ -128,15 +128,18 @@ def _check_batch(algo, prompts: int, samples: int, world: int) -> None:
         if prompts % world:
             raise ConfigError(f"data.prompts_per_step={prompts} is not divisible by the {world} ranks")
         if algo.minibatch_size % world:
-            raise ConfigError(f"model.algorithm.minibatch_size={algo.minibatch_size} is not divisible by {world} ranks")
+            raise ConfigError(
+                f"model.algorithm.minibatch_size={algo.minibatch_size} is not divisible by {world} ranks"
+            )
         if (algo.minibatch_size // world) % algo.micro_batch_size:
             raise ConfigError(
-                f"model.algorithm.micro_batch_size={algo.micro_batch_size} does not divide the per-rank minibatch "
-                f"of {algo.minibatch_size // world}"
+                f"model.algorithm.micro_batch_size={algo.micro_batch_size} does not divide the per-rank "
+                f"minibatch of {algo.minibatch_size // world}"
             )
     if algo.estimator in GROUP_ESTIMATORS and samples < 2:
         raise ConfigError(
-            f"data.samples_per_prompt={samples}: estimator {algo.estimator!r} needs >= 2 samples per prompt (groups)"
+            f"data.samples_per_prompt={samples}: estimator {algo.estimator!r} needs >= 2 samples per prompt "
+            "(groups)"
         )
 
 
@@ -151,11 +154,13 @@ def _check_callbacks(cfg, algo, data) -> None:
         name = cls.__name__
         if issubclass(cls, ValuePretraining) and not algo.uses_critic:
             raise ConfigError(
-                f"trainer.callbacks: {name} needs a critic, but model.algorithm.estimator={algo.estimator!r} is "
-                "critic-free (use 'gae')"
+                f"trainer.callbacks: {name} needs a critic, but model.algorithm.estimator={algo.estimator!r} "
+                "is critic-free (use 'gae')"
             )
         if issubclass(cls, Evaluation) and not _get(data, "val_files"):
-            raise ConfigError(f"trainer.callbacks: {name} evaluates held-out problems, but data.val_files is not set")
+            raise ConfigError(
+                f"trainer.callbacks: {name} evaluates held-out problems, but data.val_files is not set"
+            )
 
 
 def validate_run_config(cfg) -> None:
@@ -175,12 +180,10 @@ def validate_run_config(cfg) -> None:
     algo = _build(AlgorithmConfig, _get(model, "algorithm"), "model.")
     _build(OptimConfig, _get(model, "optim"), "model.")
     _build(EngineConfig, _get(data, "engine"), "data.")
-    terms = _get(data, "reward")
-    if terms:
+    terms = [_build(RewardTerm, t, "data.reward: ") for t in _as_list(_get(data, "reward"))]
+    if terms:  # None: the DataModule's default reward
         try:
-            CompositeReward([_build(RewardTerm, t, "data.reward: ") for t in _as_list(terms)])
-        except ConfigError:
-            raise
+            CompositeReward(terms)  # resolves each function and binds its kwargs; calls nothing
         except ValueError as e:
             raise ConfigError(f"data.reward: {e}") from None
     _check_paths(model, data)
@@ -194,7 +197,9 @@ def _one_line(exc: BaseException) -> str:
     """The innermost message of a chain of errors, on one line (jsonargparse wraps a constructor's
     ``ValueError`` in several "Does not validate against any of the Union subtypes" layers)."""
     while True:
-        nxt = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+        nxt = exc.__cause__ if exc.__cause__ is not None else exc.__context__
+        if exc.__cause__ is None and exc.__suppress_context__:
+            nxt = None
         if not isinstance(nxt, (ValueError, MisconfigurationException)):
             break
         exc = nxt
@@ -227,7 +232,7 @@ class _ParserBuilt(Exception):
 
 
 class _ParserOnlyCLI(VAPOCLI):
-    """Leaves ``LightningCLI.__init__`` as soon as its parser exists (the parser is built inside ``__init__``)."""
+    """Leaves ``LightningCLI.__init__`` as soon as its parser exists (``__init__`` builds it, then parses)."""
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         raise _ParserBuilt(parser)

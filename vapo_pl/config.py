@@ -72,6 +72,9 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.value_clip must be > 0 or null, got {self.value_clip}")
         if self.kl_target is not None and not self.kl_target > 0:
             raise ValueError(f"algorithm.kl_target must be > 0 or null, got {self.kl_target}")
+        if self.kl_target is not None and self.kl_reward_coef == 0:
+            # the adaptive controller scales beta multiplicatively: starting at 0 it would stay 0
+            raise ValueError("algorithm.kl_target needs kl_reward_coef > 0 (the adaptive controller's initial beta)")
         for name in ("ppo_epochs", "minibatch_size", "micro_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
@@ -120,6 +123,11 @@ class OptimConfig:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        # AdamW would reject these only in configure_optimizers, after the models are loaded.
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {tuple(self.betas)}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
         for name in ("actor_grad_clip", "critic_grad_clip"):
             v = getattr(self, name)
             if v is not None and not v > 0:

@@ -9,7 +9,6 @@ Every batch records the engine's ``weight_version`` and the module checks it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
 from vapo_pl.batch import RolloutBatch
+from vapo_pl.common import derive_seed, require_model_dir
 from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
 from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm
 from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
@@ -36,7 +36,7 @@ class EngineConfig:
 
     kind: Literal["vllm", "hf"] = "vllm"  # "hf" = transformers generate, for machines without vLLM
     dtype: str = "auto"  # "float32" on CPU, "bfloat16" on GPU
-    max_model_len: int | None = None  # default: max_prompt_length + max_response_length
+    max_model_len: int | None = None  # default: max_prompt_length + max_response_length (capped by the model)
     gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (weights + KV cache)
     kv_cache_space_gb: int = 1  # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     tensor_parallel_size: int = 1
@@ -51,12 +51,6 @@ class EngineConfig:
             raise ValueError(f"engine.kv_cache_space_gb must be > 0, got {self.kv_cache_space_gb}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed that depends on every part (base seed, rank, step, round...)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def _world() -> tuple[int, int]:
@@ -97,6 +91,9 @@ class RolloutDataModule(pl.LightningDataModule):
         prompt_key: row field holding the question.
         answer_key: row field holding the gold answer; ``None`` for unlabeled data (TTRL).
         answer_after: keep only the text after this marker in the answer (``"####"`` for GSM8K).
+        val_prompt_key: ``prompt_key`` of the held-out files (default: the training one).
+        val_answer_key: ``answer_key`` of the held-out files (default: the training one).
+        val_answer_after: ``answer_after`` of the held-out files (default: the training one).
         template: ``"chat"`` (the tokenizer's chat template) or a format string with ``{prompt}``.
         max_prompt_length: prompts longer than this (in tokens) are dropped and counted.
         max_response_length: generation cap; hitting it marks the sample truncated.
@@ -123,6 +120,9 @@ class RolloutDataModule(pl.LightningDataModule):
         prompt_key: str = "prompt",
         answer_key: str | None = "answer",
         answer_after: str | None = None,
+        val_prompt_key: str | None = None,
+        val_answer_key: str | None = None,
+        val_answer_after: str | None = None,
         template: str = "chat",
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
@@ -163,6 +163,9 @@ class RolloutDataModule(pl.LightningDataModule):
         self.train_files = train_files
         self.val_files = val_files
         self.prompt_key, self.answer_key, self.answer_after = prompt_key, answer_key, answer_after
+        self.val_prompt_key = val_prompt_key or prompt_key
+        self.val_answer_key = val_answer_key or answer_key
+        self.val_answer_after = val_answer_after or answer_after
         self.template = template
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
@@ -172,8 +175,9 @@ class RolloutDataModule(pl.LightningDataModule):
         self.dynamic_sampling = dynamic_sampling
         self.max_sampling_rounds = max_sampling_rounds
         self.reward_terms = reward if reward is not None else [RewardTerm(name="math_verify")]
+        self.reward_terms = [RewardTerm(**t) if isinstance(t, dict) else t for t in self.reward_terms]
         self.reward_fn = CompositeReward(self.reward_terms)
-        self.engine_config = engine or EngineConfig()
+        self.engine_config = EngineConfig(**engine) if isinstance(engine, dict) else engine or EngineConfig()
         self.model_path = model_path
         self.greedy_baseline = greedy_baseline
         self.shuffle = shuffle
@@ -258,7 +262,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 "usable training prompts"
             )
         if self.val_files:
-            val = load_prompts(self.val_files, self.prompt_key, self.answer_key, self.answer_after)
+            val = load_prompts(self.val_files, self.val_prompt_key, self.val_answer_key, self.val_answer_after)
             self.val_records, self.val_prompt_ids, _ = self._tokenize(val)
 
     def get_engine(self) -> RolloutEngine:
@@ -280,14 +284,16 @@ class RolloutDataModule(pl.LightningDataModule):
                 if cfg["enforce_eager"] is None:
                     cfg["enforce_eager"] = not torch.cuda.is_available()
                 if cfg["max_model_len"] is None:
-                    cfg["max_model_len"] = self.max_prompt_length + self.max_response_length
+                    from transformers import AutoConfig
+
+                    limit = getattr(AutoConfig.from_pretrained(self._model_dir()), "max_position_embeddings", None)
+                    need = self.max_prompt_length + self.max_response_length
+                    cfg["max_model_len"] = min(need, limit) if limit else need
                 self.engine = build_engine(kind, self._model_dir(), seed=seed, rank=rank, **cfg)
         return self.engine
 
     def _model_dir(self) -> str:
-        from vapo_pl.checks import require_model_dir
-
-        return require_model_dir(self.model_path, "data.model_path")
+        return str(require_model_dir(self.model_path, "data.model_path"))
 
     # ----------------------------------------------------------------- sharding and position
     def _shard_order(self, epoch: int) -> list[int]:
@@ -363,6 +369,7 @@ class RolloutDataModule(pl.LightningDataModule):
             more = int(n_kept < need and rounds < self.max_sampling_rounds)
             if not _all_ranks_max(more):
                 break
+        self.get_engine().sleep()  # GPU: hand the engine's memory to the trainer until the next weight sync
         out = _concat_groups(kept + spare, need, self._pad_id())
         out.stats["perf/generate_tokens_per_s"] = out.stats["rollout/generated_tokens"] / max(
             out.stats["perf/generate_s"], 1e-9)

@@ -38,7 +38,7 @@ from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
 from vapo_pl.algorithms.utils import masked_mean
 from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import RolloutBatch
-from vapo_pl.checks import require_model_dir
+from vapo_pl.common import require_model_dir
 from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel
 from vapo_pl.prompts import PromptRecord, render_prompt
@@ -90,8 +90,9 @@ class VAPOModule(pl.LightningModule):
         self.model_path = model_path
         self.critic_path = critic_path
         self.critic_init = critic_init
-        self.algorithm = algorithm or AlgorithmConfig()
-        self.optim = optim or OptimConfig()
+        # plain dicts are accepted too, for Python users (the CLI builds the dataclasses itself)
+        self.algorithm = AlgorithmConfig(**algorithm) if isinstance(algorithm, dict) else algorithm or AlgorithmConfig()
+        self.optim = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
         self.gradient_checkpointing = gradient_checkpointing
         self.logprob_chunk_size = logprob_chunk_size
         self.seed = seed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -60,3 +61,128 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy) -> Non
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(state)
+
+
+def _lightning_deepspeed_strategy():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy
+
+
+@contextmanager
+def gathered_for_init(module: nn.Module):
+    """Let in-place initialisation of ``module``'s parameters take effect under ZeRO-3.
+
+    Inside ``deepspeed.zero.Init`` (Lightning's ZeRO-3 ``configure_model``) parameters are partitioned when
+    created, so ``nn.init.zeros_(head.weight)`` writes into an empty placeholder and the head keeps its
+    random init. This gathers them, and rank 0's values are partitioned back on exit. No-op otherwise.
+    """
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
+
+
+class _ZeRO3Config:
+    """All that ``transformers`` reads of a live ``HfDeepSpeedConfig``: ``is_zero3()`` and ``config``.
+    The real class also insists on ``accelerate`` being installed, which nothing else here needs."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+class HFDeepSpeedStrategy(_lightning_deepspeed_strategy()):
+    """Lightning's ``DeepSpeedStrategy`` for Hugging Face models; also runs on CPU (DeepSpeed's CPU accelerator).
+
+    Same arguments as Lightning's. Three departures, all found by running it (``tests/distributed``):
+
+    - ZeRO-3: Lightning builds the model inside ``deepspeed.zero.Init``, so every parameter is partitioned
+      the moment it is created. ``transformers`` only loads a checkpoint into partitioned parameters when it
+      knows ZeRO-3 is on (its ``HfDeepSpeedConfig`` registered); without it ``from_pretrained`` fails in its weight
+      init (``IndexError: index 0 is out of bounds for dimension 0 with size 0``). This strategy registers the
+      config from model construction until ``teardown``.
+    - CPU: Lightning refuses any accelerator but CUDA (``RuntimeError: The DeepSpeed strategy is only
+      supported on CUDA GPUs``), requires CUDA device indices (``The selected device indices [None, None]
+      don't match the local rank values``) and hands DeepSpeed ``device_rank=None`` (``TypeError: '>='
+      not supported between instances of 'NoneType' and 'int'``). DeepSpeed itself supports CPU; on CPU
+      this strategy uses the local rank where Lightning used the CUDA index. On GPUs nothing changes.
+    - Gradient accumulation: ``managed_gradient_accumulation: false`` unless the config says otherwise
+      (see ``setup``). With DeepSpeed's default, ZeRO-2 applied about half the gradient of a two-micro-batch
+      step (only the last micro-batch survives); ZeRO-3 was right either way.
+    """
+
+    _hf_config = None  # what transformers sees as the HfDeepSpeedConfig (it keeps only a weak reference)
+
+    def _on_cpu(self) -> bool:
+        return self.root_device.type == "cpu"
+
+    def setup_environment(self) -> None:
+        from lightning.pytorch.accelerators import CPUAccelerator
+        from lightning.pytorch.strategies import DDPStrategy
+
+        if isinstance(self.accelerator, CPUAccelerator):
+            DDPStrategy.setup_environment(self)  # Lightning's own, minus the CUDA-only check
+            return
+        super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            super().setup_distributed()
+            return
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def setup(self, trainer) -> None:
+        self._init_config_if_needed()
+        # VAPOModule runs several backward passes (micro-batches) per optimizer step. DeepSpeed's default
+        # ("managed") accumulation counts one backward per step when gradient_accumulation_steps is 1, and
+        # ZeRO-2 then keeps only the last micro-batch's gradient; unmanaged, every step() is the boundary.
+        self.config.setdefault("managed_gradient_accumulation", False)
+        super().setup(trainer)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if not self._on_cpu():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import argparse
+
+        import deepspeed
+
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, ds_optimizer
+
+    @contextmanager
+    def model_sharded_context(self):
+        if self.zero_stage_3 and self._hf_config is None:
+            from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+            self._init_config_if_needed()
+            self._hf_config = _ZeRO3Config(self.config)
+            set_hf_deepspeed_config(self._hf_config)
+        with super().model_sharded_context():
+            yield
+
+    def teardown(self) -> None:
+        super().teardown()
+        if self._hf_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # later models in this process are not built for ZeRO-3
+            self._hf_config = None

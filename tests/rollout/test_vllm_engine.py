@@ -8,6 +8,13 @@ the transformers copy and pushes it into the engine once, and every test after i
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,3 +165,50 @@ def test_constructor_rejects_bad_options(tiny_model_dir, tmp_path):
         VLLMEngine(tiny_model_dir, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="model_path"):
         VLLMEngine(tmp_path / "missing")
+
+
+_DIST_WORKER = """
+import json, os, sys
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+from vapo_pl.rollout.base import Sampling
+from vapo_pl.rollout.vllm_engine import VLLMEngine
+engine = VLLMEngine(sys.argv[1], dtype="float32", max_model_len=128, enforce_eager=True, seed=0)
+out = engine.generate([[5, 6, 7, 8]], Sampling(n=2, temperature=1.0, max_tokens=8, seed=3))
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)  # the trainer's group still works next to the engine
+result = {"replica": engine.replica, "tokens": [c.token_ids for c in out[0]], "sum": total.item()}
+open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w").write(json.dumps(result))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.distributed
+def test_one_engine_per_rank_under_torchrun(tiny_model_dir, tmp_path):
+    """Two ranks with a gloo group (as the trainer has): external_launcher engines, one per rank,
+    with different sampling streams for the same seeded call."""
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    proc = subprocess.run(
+        [*cmd, str(script), str(tiny_model_dir), str(tmp_path)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["replica"] for r in ranks] == [0, 1]
+    assert [r["sum"] for r in ranks] == [3.0, 3.0]  # 1 + 2 on both ranks
+    assert ranks[0]["tokens"] != ranks[1]["tokens"]

@@ -116,20 +116,22 @@ def test_each_algorithm_runs_a_step(make_run, name):
 
 
 def test_dapo_dynamic_sampling_and_overlong(make_run):
+    from vapo_pl.rewards.base import RewardTerm
+
     rec = Recorder()
+    reward = [RewardTerm(name="tests.trainer.task_rewards.coin"),
+              RewardTerm(name="overlong", kwargs={"max_length": 12, "cache_length": 4})]
     module, dm, trainer = make_run(
         algorithm=dict(estimator="grpo", nll_coef=0.0),
-        data=dict(dynamic_sampling=True, max_sampling_rounds=3, reward=[]),
-        reward="tests.trainer.task_rewards.coin", trainer=dict(max_steps=2, callbacks=[rec]))
-    from vapo_pl.rewards.base import CompositeReward, RewardTerm
-
-    dm.reward_terms = [RewardTerm(name="tests.trainer.task_rewards.coin"),
-                       RewardTerm(name="overlong", kwargs={"max_length": 12, "cache_length": 4})]
-    dm.reward_fn = CompositeReward(dm.reward_terms)
+        data=dict(dynamic_sampling=True, max_sampling_rounds=3, reward=reward),
+        trainer=dict(max_steps=2, callbacks=[rec]))
     trainer.fit(module, dm)
     m = rec.metrics[-1]
     assert 0 < m["rollout/dynamic_sampling_kept_share"] <= 1
+    assert m["rollout/sampling_rounds"] >= 1
     assert "reward/overlong" in m and m["reward/overlong"] <= 0
+    # the batch stays full: prompts_per_step groups of samples_per_prompt
+    assert len(rec.metrics) == 2
 
 
 def test_value_pretraining_then_rl(make_run, tmp_path):

@@ -43,6 +43,7 @@ from vapo_pl.demo.task import Problem, TaskSpec
 
 REPO = Path(__file__).resolve().parents[2]
 INFO_FILE = "build_info.json"
+BUCKET_BATCHES = 16  # batches drawn at once and grouped by length
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,15 @@ def spec_hash(spec: BaseSpec) -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_base_policy(cache_dir: str | Path | None = None, spec: BaseSpec | None = None) -> Path:
+def ensure_base_policy(
+    cache_dir: str | Path | None = None, spec: BaseSpec | None = None, *, verbose: bool = False
+) -> Path:
     """The base policy's directory (``save_pretrained`` model and tokenizer), built if not cached.
 
     Args:
         cache_dir: where builds live (default: ``default_cache_dir()``).
         spec: build parameters (default: ``BaseSpec()``, the demo's model).
+        verbose: print the training loss every 100 steps while building.
 
     Returns:
         ``<cache_dir>/base-<hash>``, loadable by transformers and vLLM; ``build_info.json`` in it
@@ -120,7 +124,7 @@ def ensure_base_policy(cache_dir: str | Path | None = None, spec: BaseSpec | Non
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     try:
-        seconds = build_base_policy(tmp, spec)
+        seconds = build_base_policy(tmp, spec, verbose=verbose)
         info = {"spec": dataclasses.asdict(spec), "build_seconds": round(seconds, 1)}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         try:
@@ -133,7 +137,7 @@ def ensure_base_policy(cache_dir: str | Path | None = None, spec: BaseSpec | Non
     return final
 
 
-def build_base_policy(path: Path, spec: BaseSpec) -> float:
+def build_base_policy(path: Path, spec: BaseSpec, verbose: bool = False) -> float:
     """Build the model at ``path`` and train it on demonstrations; returns the seconds taken."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,7 +159,7 @@ def build_base_policy(path: Path, spec: BaseSpec) -> float:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         train, _ = task.generate_splits(spec.task)
-        train_on_demonstrations(model, tokenizer, train, spec)
+        train_on_demonstrations(model, tokenizer, train, spec, verbose=verbose)
         model.save_pretrained(path)
         return time.perf_counter() - t0
     finally:
@@ -171,11 +175,10 @@ def encode_demo(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     return list(prompt_ids) + response_ids, len(prompt_ids)
 
 
-def demo_batch(tokenizer, problems: list[Problem], rng: random.Random, p_forget: float):
+def pad_batch(encoded: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, labels)``, both (B, T); labels are -100 outside the responses."""
-    encoded = [encode_demo(tokenizer, p.prompt, task.demonstration(p, rng, p_forget)) for p in problems]
     t = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), t), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(encoded), t), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), t), -100, dtype=torch.long)
     for i, (ids, start) in enumerate(encoded):
         input_ids[i, : len(ids)] = torch.tensor(ids)
@@ -183,12 +186,30 @@ def demo_batch(tokenizer, problems: list[Problem], rng: random.Random, p_forget:
     return input_ids, labels
 
 
-def train_on_demonstrations(model, tokenizer, problems: list[Problem], spec: BaseSpec) -> None:
-    """AdamW on next-token cross-entropy of the response tokens, fresh demonstrations every step."""
+def demo_batches(tokenizer, problems: list[Problem], spec: BaseSpec, rng: random.Random):
+    """Endless ``(input_ids, labels)`` batches of fresh demonstrations of random ``problems``.
+
+    Demonstrations are drawn ``BUCKET_BATCHES`` batches at a time, sorted by length, cut into
+    batches and shuffled: every demonstration is still used once, with about a quarter less padding.
+    """
+    while True:
+        drawn = rng.choices(problems, k=spec.batch_size * BUCKET_BATCHES)
+        encoded = sorted(
+            (encode_demo(tokenizer, p.prompt, task.demonstration(p, rng, spec.p_forget)) for p in drawn),
+            key=lambda e: len(e[0]),
+        )
+        chunks = [encoded[i : i + spec.batch_size] for i in range(0, len(encoded), spec.batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            yield pad_batch(chunk, tokenizer.pad_token_id)
+
+
+def train_on_demonstrations(model, tokenizer, problems: list[Problem], spec: BaseSpec, verbose: bool = False) -> None:
+    """AdamW on the token-mean cross-entropy of response tokens (EOS included), fresh demonstrations."""
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms' gains do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=spec.lr,
@@ -202,8 +223,9 @@ def train_on_demonstrations(model, tokenizer, problems: list[Problem], spec: Bas
         return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     model.train()
+    batches = demo_batches(tokenizer, problems, spec, rng)
     for step in range(spec.steps):
-        input_ids, labels = demo_batch(tokenizer, rng.choices(problems, k=spec.batch_size), rng, spec.p_forget)
+        input_ids, labels = next(batches)
         loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -211,8 +233,8 @@ def train_on_demonstrations(model, tokenizer, problems: list[Problem], spec: Bas
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if os.environ.get("VAPO_PL_DEMO_VERBOSE") and step % 100 == 0:
-            print(f"sft step {step} loss {loss.item():.4f}", flush=True)
+        if verbose and (step % 100 == 0 or step == spec.steps - 1):
+            print(f"base policy: step {step + 1}/{spec.steps} loss {loss.item():.4f}", flush=True)
     model.eval()
 
 
@@ -293,7 +315,7 @@ def evaluate_base(path: str | Path, problems: list[Problem] | None = None, *, k:
 
 
 def main() -> None:
-    path = ensure_base_policy()
+    path = ensure_base_policy(verbose=True)
     info = json.loads((path / INFO_FILE).read_text())
     print(path)
     print(f"build time {info['build_seconds']} s (when built)")

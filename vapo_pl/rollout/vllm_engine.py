@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
-from vapo_pl.rollout.factory import derive_seed, require_model_dir
+from vapo_pl.common import derive_seed, require_model_dir
 
 log = logging.getLogger(__name__)
 

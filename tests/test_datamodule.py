@@ -1,0 +1,103 @@
+"""RolloutDataModule on the tiny model with the transformers engine (fast); vLLM paths are in tests/rollout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vapo_pl.datamodule import EngineConfig, RolloutDataModule, _informative_groups
+from vapo_pl.rewards.base import RewardTerm
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"{i}+1=?", "answer": str(i + 1)} for i in range(30)]
+    rows.append({"prompt": "9" * 200, "answer": "0"})  # longer than max_prompt_length: dropped
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _dm(prompts, tiny_model_dir, **kw):
+    args = dict(train_files=prompts, model_path=str(tiny_model_dir), max_prompt_length=32, max_response_length=10,
+                prompts_per_step=4, samples_per_prompt=3, engine=EngineConfig(kind="hf", dtype="float32"),
+                reward=[RewardTerm(name="tests.trainer.task_rewards.coin")])
+    args.update(kw)
+    dm = RolloutDataModule(**args)
+    dm.setup("fit")
+    return dm
+
+
+def test_batch_fields_and_shapes(prompts, tiny_model_dir):
+    dm = _dm(prompts, tiny_model_dir)
+    assert dm.dropped_prompts == 1 and len(dm.train_prompt_ids) == 30
+    b = dm.next_batch()
+    assert len(b) == 12 and b.group_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    width = b.response_mask.shape[1]
+    assert b.input_ids.shape == (12, b.prompt_width + width) and b.attention_mask.shape == b.input_ids.shape
+    assert torch.equal(b.response_mask.sum(1), b.lengths) and int(b.lengths.max()) <= 10
+    assert torch.equal(b.truncated, b.lengths == 10) or b.truncated.sum() <= (b.lengths == 10).sum()
+    # left-padded prompts: every prompt row ends with a real token, response rows start right after
+    assert bool(b.attention_mask[:, b.prompt_width - 1].all())
+    assert b.rollout_logprobs.shape == b.response_mask.shape and bool((b.rollout_logprobs[b.response_mask] <= 0).all())
+    assert set(b.metadata[0]) >= {"prompt", "response", "answer", "extracted", "source"}
+    assert b.weight_version == 0 and b.stats["rollout/dropped_long_prompts"] == 1.0
+    assert "reward/" not in b.reward_terms and set(b.reward_terms) == {"tests.trainer.task_rewards.coin"}
+
+
+def test_epoch_covers_each_prompt_once_then_ends(prompts, tiny_model_dir):
+    dm = _dm(prompts, tiny_model_dir, max_response_length=2, samples_per_prompt=1)
+    seen = []
+    stream = iter(dm.train_dataloader())
+    for b in stream:
+        seen += [m["prompt"] for m in b.metadata]
+    assert len(seen) == 28 and len(set(seen)) == 28  # 7 full steps of 4 from 30 prompts, none twice
+    assert dm.epoch == 1 and dm.cursor == 0
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_fills(prompts, tiny_model_dir):
+    dm = _dm(prompts, tiny_model_dir, dynamic_sampling=True, max_sampling_rounds=4, samples_per_prompt=4)
+    b = dm.next_batch()
+    assert len(b) == 16 and sorted(set(b.group_index.tolist())) == [0, 1, 2, 3]
+    kept = _informative_groups(b.scores, b.group_index, 4)
+    filled = int(b.stats["rollout/dynamic_sampling_filled"])
+    assert int(kept.sum()) == 4 - filled  # informative groups first; any filler has all-equal rewards
+    assert 0 < b.stats["rollout/dynamic_sampling_kept_share"] <= 1
+    assert 1 <= b.stats["rollout/sampling_rounds"] <= 4
+
+
+def test_informative_groups_filter():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert _informative_groups(scores, groups, 3).tolist() == [False, True, False]
+
+
+def test_remax_greedy_baseline(prompts, tiny_model_dir):
+    dm = _dm(prompts, tiny_model_dir, greedy_baseline=True)
+    b = dm.next_batch()
+    assert b.baseline_scores is not None and b.baseline_scores.shape == (12,)
+    # one greedy score per prompt, repeated over its samples
+    assert torch.equal(b.baseline_scores.view(4, 3), b.baseline_scores.view(4, 3)[:, :1].expand(4, 3))
+
+
+def test_training_top_p_refused_and_bad_values_name_the_field(prompts):
+    with pytest.raises(ValueError, match="data.top_p"):
+        RolloutDataModule(train_files=prompts, top_p=0.7)
+    with pytest.raises(ValueError, match="data.samples_per_prompt"):
+        RolloutDataModule(train_files=prompts, samples_per_prompt=0)
+    with pytest.raises(ValueError, match="engine.gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_missing_model_dir_is_one_line(prompts, tmp_path):
+    dm = RolloutDataModule(train_files=prompts, model_path=str(tmp_path / "nope"))
+    with pytest.raises(ValueError) as e:
+        dm.setup("fit")
+    assert "data.model_path" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_all_prompts_too_long_fails_clearly(prompts, tiny_model_dir):
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        _dm(prompts, tiny_model_dir, max_prompt_length=2)

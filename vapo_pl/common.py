@@ -1,0 +1,52 @@
+"""Small helpers shared across the package: model-directory checks and seed derivation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def require_model_dir(path: str | Path | None, field: str = "model_path") -> Path:
+    """``path`` as a ``Path`` if it is a Hugging Face model directory; otherwise one clear line.
+
+    Checked up front because vLLM and transformers answer a wrong path with a long traceback that hides
+    which path was wrong.
+    """
+    if path is None:
+        raise ValueError(f"{field} is not set: give a local Hugging Face model directory")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"{field}: no model directory at {str(p)!r}")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{field}: {str(p)!r} has no config.json (not a Hugging Face model directory)")
+    return p
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64 (Steele et al. 2014): a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 62-bit seed that depends on every part (e.g. call seed, replica); unrelated for nearby inputs.
+
+    Hashing instead of adding keeps streams apart: ``seed + rank`` for call ``k`` would equal
+    ``seed + 1 + (rank - 1)`` for call ``k + 1``. 62 bits leave room to add a request offset and
+    stay below ``2**63`` (torch generators take up to ``2**64 - 1``).
+    """
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (part & _MASK64))
+    return h >> 2
+
+
+def build_engine(kind: str, model_path: str | Path, **options: Any) -> RolloutEngine:
+    """Construct the engine named ``kind`` for the model saved (``save_pretrained``) at ``model_path``.
+
+    ``options`` go to the engine's constructor (see ``VLLMEngine`` and ``HFEngine``).
+    """
