@@ -284,6 +284,17 @@ class Evaluation(pl.Callback):
         step = trainer.global_step
         if self.at_end and not self._evaluated_at(step):
             self.publish(trainer, self.evaluate(trainer.datamodule, step), step)
+        if trainer.is_global_zero and len(self.history) >= 2:
+            print(self.summary(), flush=True)
+
+    def summary(self) -> str:
+        """One line per metric: first evaluation (the base policy when ``at_start``) -> last."""
+        first, last = self.history[0], self.history[-1]
+        lines = [f"held-out evaluation '{self.name}': step {int(first['step'])} -> step {int(last['step'])}"]
+        for key in self.metric_names():
+            if key in first and key in last:
+                lines.append(f"  {key:32s} {first[key]:.3f} -> {last[key]:.3f}")
+        return "\n".join(lines)
 
     @staticmethod
     def publish(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:

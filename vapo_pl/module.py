@@ -47,6 +47,13 @@ from vapo_pl.rewards.base import RewardInput, RewardResult
 log = logging.getLogger(__name__)
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this (trainer) process in GB; verifier worker processes are not included."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def _position_ids(attention_mask: Tensor) -> Tensor:
     """(B, L) positions counted from each row's first real token (left padding gets 0), as vLLM numbers them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -194,6 +201,10 @@ class VAPOModule(pl.LightningModule):
             raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
         self.temperature = dm.temperature
         dm.connect(self, actor=self.actor)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"RL steps: {self.rl_step}; peak memory (trainer process): {peak_rss_gb():.2f} GB", flush=True)
 
     def on_train_start(self) -> None:
         # The engine loaded model_path; after a resume the actor differs, so always start from a sync.
@@ -485,6 +496,7 @@ class VAPOModule(pl.LightningModule):
                       "actor/lambda_policy_max": float(lam.max())})
         for name, term in batch.reward_terms.items():
             m[f"reward/{name}"] = float(term.float().mean())
+        m["perf/peak_rss_gb"] = peak_rss_gb()
         m.update(batch.stats)
         return m
 

@@ -101,7 +101,7 @@ class _ZeRO3Config:
 class HFDeepSpeedStrategy(_lightning_deepspeed_strategy()):
     """Lightning's ``DeepSpeedStrategy`` for Hugging Face models; also runs on CPU (DeepSpeed's CPU accelerator).
 
-    Same arguments as Lightning's. Three departures, all found by running it (``tests/distributed``):
+    Same arguments as Lightning's. Four departures, all found by running it (``tests/distributed``):
 
     - ZeRO-3: Lightning builds the model inside ``deepspeed.zero.Init``, so every parameter is partitioned
       the moment it is created. ``transformers`` only loads a checkpoint into partitioned parameters when it
@@ -115,7 +115,10 @@ class HFDeepSpeedStrategy(_lightning_deepspeed_strategy()):
       this strategy uses the local rank where Lightning used the CUDA index. On GPUs nothing changes.
     - Gradient accumulation: ``managed_gradient_accumulation: false`` unless the config says otherwise
       (see ``setup``). With DeepSpeed's default, ZeRO-2 applied about half the gradient of a two-micro-batch
-      step (only the last micro-batch survives); ZeRO-3 was right either way.
+      step (only the last micro-batch survives).
+    - Micro-steps: DeepSpeed ends a micro-step at each ``DeepSpeedEngine.forward``, which Lightning calls
+      once per ``training_step``; this strategy ends one before every backward instead (``pre_backward``).
+      Without it ZeRO-3 kept only the last micro-batch's gradient of each optimizer step.
     """
 
     _hf_config = None  # what transformers sees as the HfDeepSpeedConfig (it keeps only a weak reference)
@@ -149,6 +152,15 @@ class HFDeepSpeedStrategy(_lightning_deepspeed_strategy()):
         # ZeRO-2 then keeps only the last micro-batch's gradient; unmanaged, every step() is the boundary.
         self.config.setdefault("managed_gradient_accumulation", False)
         super().setup(trainer)
+
+    def pre_backward(self, closure_loss) -> None:
+        super().pre_backward(closure_loss)
+        # DeepSpeed closes a micro-step in DeepSpeedEngine.forward (clear_backward_seen_flag); Lightning calls
+        # that forward once per training_step, but VAPOModule runs one forward/backward per micro-batch
+        # inside it. Without this, ZeRO-3 overwrites instead of accumulating the micro-batch gradients.
+        optimizer = getattr(self.model, "optimizer", None)
+        if hasattr(optimizer, "clear_backward_seen_flag"):
+            optimizer.clear_backward_seen_flag()
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         if not self._on_cpu():

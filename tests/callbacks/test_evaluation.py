@@ -285,3 +285,15 @@ def test_trainer_evaluates_at_start_every_n_and_at_end(tmp_path, tiny_model_dir,
         assert sorted(logged) == [0, 2, 3]  # no stale repeat at step 1
         assert logged == pytest.approx({h["step"]: h[f"eval/arith_{name}"] for h in ev.history})
     assert float(trainer.callback_metrics["eval/arith_mean@2"]) == pytest.approx(ev.history[-1]["eval/arith_mean@2"])
+
+
+def test_summary_reports_first_and_last_evaluation():
+    from callbacks.evaluation import Evaluation
+
+    cb = Evaluation(every_n_steps=5, name="heldout", samples_per_prompt=4)
+    cb.history = [{"step": 0, "eval/heldout_mean@4": 0.25, "eval/heldout_pass@4": 0.5},
+                  {"step": 5, "eval/heldout_mean@4": 0.5, "eval/heldout_pass@4": 0.75},
+                  {"step": 10, "eval/heldout_mean@4": 0.875, "eval/heldout_pass@4": 1.0}]
+    text = cb.summary()
+    assert "step 0 -> step 10" in text
+    assert "eval/heldout_mean@4" in text and "0.250 -> 0.875" in text and "0.500 -> 1.000" in text

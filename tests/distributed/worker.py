@@ -249,13 +249,14 @@ class Probe(pl.Callback):
 def make_strategy(name: str):
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    if name == "ddp":
+    if name in ("ddp", "ddp_noclip"):
         return DDPStrategy(find_unused_parameters=True, process_group_backend="gloo")
     if name == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
-    stage = {"deepspeed_stock": 2, "deepspeed2": 2, "deepspeed3": 3}[name]
+    stage = 3 if name.startswith("deepspeed3") else 2
     # fp32 (no bf16/fp16 section), DeepSpeed's own clipping over both models together
-    config = {"zero_optimization": {"stage": stage}, "gradient_clipping": 1.0,
+    clip = 0.0 if name.endswith("_noclip") else 1.0
+    config = {"zero_optimization": {"stage": stage}, "gradient_clipping": clip,
               "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True}
     if name == "deepspeed_stock":
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -270,7 +271,8 @@ def scenario_fit(args, name: str) -> dict:
     module = ProbedModule(
         model_path=args.model,
         algorithm=AlgorithmConfig(minibatch_size=8, micro_batch_size=2, kl_loss_coef=1e-3),
-        optim=OptimConfig(actor_lr=1e-3, critic_lr=2e-3),
+        optim=OptimConfig(actor_lr=1e-3, critic_lr=2e-3,
+                          **(dict(actor_grad_clip=None, critic_grad_clip=None) if name.endswith("_noclip") else {})),
     )
     dm = RolloutDataModule(train_files=args.big_prompts, model_path=args.model, max_prompt_length=32,
                            max_response_length=12, prompts_per_step=4, samples_per_prompt=4,
@@ -318,10 +320,13 @@ def scenario_deepspeed_stock(args) -> dict:
 SCENARIOS = {
     "rollout": scenario_rollout,
     "ddp": lambda a: scenario_fit(a, "ddp"),
+    "ddp_noclip": lambda a: scenario_fit(a, "ddp_noclip"),
     "fsdp2": lambda a: scenario_fit(a, "fsdp2"),
     "deepspeed_stock": scenario_deepspeed_stock,
     "deepspeed2": lambda a: scenario_fit(a, "deepspeed2"),
     "deepspeed3": lambda a: scenario_fit(a, "deepspeed3"),
+    "deepspeed2_noclip": lambda a: scenario_fit(a, "deepspeed2_noclip"),
+    "deepspeed3_noclip": lambda a: scenario_fit(a, "deepspeed3_noclip"),
 }
 
 
