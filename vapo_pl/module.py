@@ -334,89 +334,106 @@ class VAPOModule(pl.LightningModule):
 
     def update(self, batch: RolloutBatch, prep: dict[str, Tensor], adv: AdvantageOutputs,
                critic_only: bool = False) -> dict[str, float]:
-        """K epochs over minibatches; one optimizer step per minibatch, micro-batches accumulate."""
+        """K epochs over minibatches; one optimizer step per minibatch, micro-batches accumulate.
+
+        Each micro-batch's loss is divided by its minibatch's *global* counts (tokens, correct tokens,
+        sequences; summed over ranks and divided by the world size, since DDP averages gradients), so the
+        accumulated gradient is exactly that of the whole minibatch's loss, e.g. the Token-level loss."""
         cfg = self.algorithm
         opt = self.optimizers()
         sched = self.lr_schedulers()
         device = batch.scores.device
+        world = self._world
         policy_mask = batch.response_mask
         if cfg.mask_truncated:
             policy_mask = policy_mask & ~batch.truncated.unsqueeze(1)
-        stats: dict[str, list[float]] = defaultdict(list)
+        positive_mask = policy_mask & batch.correct.unsqueeze(1)
+        per_step: dict[str, list[Tensor]] = defaultdict(list)  # one entry per optimizer step
         for _ in range(cfg.ppo_epochs):
             for mb_idx in self._minibatches(len(batch)):
                 mb_idx = mb_idx.to(device)
-                world = self._world
-                # per-rank share of the minibatch's global counts, so DDP's gradient averaging gives the
-                # exact global token mean (the Token-level loss over the whole minibatch)
-                n_tok = self._sum_across_ranks(policy_mask[mb_idx].sum().float()) / world
-                n_val_tok = self._sum_across_ranks(batch.response_mask[mb_idx].sum().float()) / world
-                n_pos = self._sum_across_ranks(
-                    (policy_mask[mb_idx] & batch.correct[mb_idx].unsqueeze(1)).sum().float()) / world
+                counts = torch.stack([policy_mask[mb_idx].sum(), batch.response_mask[mb_idx].sum(),
+                                      positive_mask[mb_idx].sum()]).float()
+                n_tok, n_val_tok, n_pos = self._sum_across_ranks(counts) / world
+                summed: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+                averaged: dict[str, list[Tensor]] = defaultdict(list)
                 for idx in self._micro_batches(mb_idx):
                     loss = torch.zeros((), device=device)
                     if not critic_only:
-                        loss = loss + self.actor_loss(batch, prep, adv, idx, policy_mask, n_tok, n_pos,
-                                                      len(mb_idx), stats)
+                        actor_loss, terms, ratios = self.actor_loss(batch, prep, adv, idx, policy_mask, n_tok,
+                                                                    n_pos, len(mb_idx) / world)
+                        loss = loss + actor_loss
+                        for k, v in terms.items():
+                            summed[k] += v
+                        for k, v in ratios.items():
+                            averaged[k].append(v)
                     if self.critic is not None:
-                        loss = loss + self.critic_loss(batch, prep, adv, idx, n_val_tok, stats)
+                        critic_loss, vstats = self.critic_loss(batch, prep, adv, idx, n_val_tok)
+                        loss = loss + critic_loss
+                        summed["critic/value_loss"] += critic_loss.detach()
+                        averaged["critic/vf_clipfrac"].append(vstats["vf_clipfrac"])
                     self.manual_backward(loss)
-                self._clip_and_step(opt, critic_only, stats)
+                for k, v in summed.items():
+                    per_step[k].append(v)
+                for k, v in averaged.items():
+                    per_step[k].append(torch.stack(v).mean())
+                for k, v in self._clip_and_step(opt, critic_only).items():
+                    per_step[k].append(v)
                 sched.step()
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out = {k: torch.stack([t.float() for t in v]).mean().item() for k, v in per_step.items()}
         for group in opt.param_groups:
             out[f"{group['name']}/lr"] = group["lr"]
         return out
 
-    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs, stats) -> Tensor:
+    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs
+                   ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Policy loss + mu * positive-example NLL + KL loss for micro-batch ``idx``; returns the loss, its
+        detached terms (to be summed over micro-batches) and ratio statistics (to be averaged)."""
         cfg = self.algorithm
         mb = batch.select(idx)
         mask = policy_mask[idx]
         logp, _ = self.policy_logprobs(self.actor, mb)
         pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, prep["old_logp"][idx], adv.advantages[idx], mask,
                                                cfg.policy_loss_params())
-        pg_loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=cfg.norm_length or mask.shape[1],
-                            num_tokens=n_tok, num_seqs=n_seqs / self._world)
-        loss = pg_loss
-        stats["actor/pg_loss"].append(float(pg_loss.detach()))
-        for k, v in pg.stats.items():
-            stats[f"actor/{k}"].append(float(v))
+        norm_length = cfg.norm_length or mask.shape[1]
+        loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok,
+                         num_seqs=n_seqs)
+        terms = {"actor/pg_loss": loss.detach()}
         if cfg.nll_coef > 0:
             nll = positive_example_nll(logp, mask, mb.correct, num_tokens=n_pos.clamp(min=1))
             loss = loss + cfg.nll_coef * nll
-            stats["actor/nll_loss"].append(float(nll.detach()))
+            terms["actor/nll_loss"] = nll.detach()
         if cfg.kl_loss_coef > 0:
             kl = aggregate(kl_estimate(logp, prep["ref_logp"][idx], cfg.kl_loss_estimator), mask,
-                           cfg.loss_agg_mode, norm_length=cfg.norm_length or mask.shape[1], num_tokens=n_tok,
-                           num_seqs=n_seqs / self._world)
+                           cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok, num_seqs=n_seqs)
             loss = loss + cfg.kl_loss_coef * kl
-            stats["actor/kl_loss"].append(float(kl.detach()))
-        return loss
+            terms["actor/kl_loss"] = kl.detach()
+        return loss, terms, {f"actor/{k}": v for k, v in pg.stats.items()}
 
-    def critic_loss(self, batch, prep, adv, idx, n_tok, stats) -> Tensor:
+    def critic_loss(self, batch, prep, adv, idx, n_tok) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped value loss toward the ``lambda_critic`` returns for micro-batch ``idx`` (token mean over the
+        minibatch)."""
         mb = batch.select(idx)
         values = self.critic_values(mb)
         vl, vstats = value_loss(values, prep["old_values"][idx], adv.returns[idx], mb.response_mask,
                                 self.algorithm.value_clip)
-        loss = aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_tok)
-        stats["critic/value_loss"].append(float(loss.detach()) * float(n_tok) / max(float(mb.response_mask.sum()), 1.0))
-        stats["critic/vf_clipfrac"].append(float(vstats["vf_clipfrac"]))
-        return loss
+        return aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_tok), vstats
 
-    def _clip_and_step(self, opt, critic_only: bool, stats: dict[str, list[float]]) -> None:
+    def _clip_and_step(self, opt, critic_only: bool) -> dict[str, Tensor]:
+        """Clip each model's gradient norm separately, then step; returns the pre-clip norms."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
+        norms = {}
         if not isinstance(self.trainer.strategy, DeepSpeedStrategy):  # DeepSpeed clips in its own config
             clips = {"actor": self.optim.actor_grad_clip, "critic": self.optim.critic_grad_clip}
             for group in opt.param_groups:
                 if critic_only and group["name"] == "actor":
                     continue
                 norm = torch.nn.utils.clip_grad_norm_(group["params"], clips[group["name"]] or math.inf)
-                if hasattr(norm, "full_tensor"):
-                    norm = norm.full_tensor()
-                stats[f"{group['name']}/grad_norm"].append(float(norm))
+                norms[f"{group['name']}/grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return norms
 
     def value_pretrain_step(self, batch: RolloutBatch) -> dict[str, float]:
         """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged."""
@@ -432,6 +449,7 @@ class VAPOModule(pl.LightningModule):
         return {k: v for k, v in metrics.items() if not k.startswith("actor/")}
 
     def critic_state(self) -> dict[str, Tensor]:
+        """The critic's full weights on CPU (gathered if sharded), e.g. to save a pretrained critic."""
         from vapo_pl.parallel import full_state_items
 
         return {k: v.detach().cpu() for k, v in full_state_items(self.critic, self.trainer.strategy)}

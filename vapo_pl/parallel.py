@@ -1,4 +1,9 @@
-"""Strategy-specific pieces: FSDP2 sharding and gathering full actor weights for the rollout engine."""
+"""Strategy-specific pieces: FSDP2 sharding, full weights for the rollout engine, and a DeepSpeed strategy
+that trains Hugging Face models correctly (``HFDeepSpeedStrategy``; select it in the strategy config).
+
+All of it is exercised on CPU by ``tests/distributed`` (gloo, two processes): DDP, FSDP2 through Lightning's
+``ModelParallelStrategy``, and DeepSpeed ZeRO-2/3 through ``HFDeepSpeedStrategy``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from torch import Tensor, nn
 
 
@@ -63,12 +69,6 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy) -> Non
     model.load_state_dict(state)
 
 
-def _lightning_deepspeed_strategy():
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return DeepSpeedStrategy
-
-
 @contextmanager
 def gathered_for_init(module: nn.Module):
     """Let in-place initialisation of ``module``'s parameters take effect under ZeRO-3.
@@ -98,16 +98,16 @@ class _ZeRO3Config:
         return True
 
 
-class HFDeepSpeedStrategy(_lightning_deepspeed_strategy()):
-    """Lightning's ``DeepSpeedStrategy`` for Hugging Face models; also runs on CPU (DeepSpeed's CPU accelerator).
+class HFDeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` for Hugging Face models; also runs on CPU (DeepSpeed's CPU backend).
 
     Same arguments as Lightning's. Four departures, all found by running it (``tests/distributed``):
 
-    - ZeRO-3: Lightning builds the model inside ``deepspeed.zero.Init``, so every parameter is partitioned
-      the moment it is created. ``transformers`` only loads a checkpoint into partitioned parameters when it
-      knows ZeRO-3 is on (its ``HfDeepSpeedConfig`` registered); without it ``from_pretrained`` fails in its weight
-      init (``IndexError: index 0 is out of bounds for dimension 0 with size 0``). This strategy registers the
-      config from model construction until ``teardown``.
+    - ZeRO-3 loading: Lightning builds the model inside ``deepspeed.zero.Init``, so every parameter is
+      partitioned the moment it is created. ``transformers`` loads a checkpoint into partitioned parameters
+      only when it knows ZeRO-3 is on (an ``HfDeepSpeedConfig`` registered); otherwise ``from_pretrained``
+      fails in its weight init (``IndexError: index 0 is out of bounds for dimension 0 with size 0``). This
+      strategy registers the config from model construction until ``teardown``.
     - CPU: Lightning refuses any accelerator but CUDA (``RuntimeError: The DeepSpeed strategy is only
       supported on CUDA GPUs``), requires CUDA device indices (``The selected device indices [None, None]
       don't match the local rank values``) and hands DeepSpeed ``device_rank=None`` (``TypeError: '>='
