@@ -205,8 +205,10 @@ ABLATIONS = {
     "wo_token_level_loss": algo(loss_agg_mode=("token-mean", "seq-mean-token-mean")),
     "wo_value_pretraining": {},  # the callback list, checked in the test
 }
-STRATEGIES = {"ddp": "DDPStrategy", "fsdp2": "ModelParallelStrategy", "deepspeed_zero2": "DeepSpeedStrategy",
-              "deepspeed_zero3": "DeepSpeedStrategy"}
+STRATEGIES = {"ddp": "lightning.pytorch.strategies.DDPStrategy",
+              "fsdp2": "lightning.pytorch.strategies.ModelParallelStrategy",
+              "deepspeed_zero2": "vapo_pl.parallel.HFDeepSpeedStrategy",
+              "deepspeed_zero3": "vapo_pl.parallel.HFDeepSpeedStrategy"}
 
 
 def test_every_overlay_is_described():
@@ -236,7 +238,7 @@ def test_overlay_on_paper_config(parser, tiny_model_dir, paper_printed, overlay)
     if overlay.stem in STRATEGIES:
         assert paper_printed["trainer"]["strategy"] == "auto"
         strategy = printed["trainer"]["strategy"]["class_path"]
-        assert strategy == f"lightning.pytorch.strategies.{STRATEGIES[overlay.stem]}"
+        assert strategy == STRATEGIES[overlay.stem]
     else:
         for path, (paper, ablated) in ABLATIONS[overlay.stem].items():
             assert (at(paper_printed, path), at(printed, path)) == (paper, ablated), path

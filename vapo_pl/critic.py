@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vapo_pl.parallel import gathered_for_init
+
 
 class ValueModel(nn.Module):
     """``V(s_t)`` for every position: backbone hidden states through a ``Linear(hidden, 1)`` head."""
@@ -34,7 +36,7 @@ class ValueModel(nn.Module):
             head = rm.score
             if head.bias is None:
                 new = nn.Linear(head.in_features, 1, bias=True, dtype=head.weight.dtype)
-                with torch.no_grad():
+                with gathered_for_init(head), gathered_for_init(new), torch.no_grad():
                     new.weight.copy_(head.weight)
                     new.bias.zero_()
                 head = new
@@ -43,8 +45,9 @@ class ValueModel(nn.Module):
             raise ValueError(f"critic init must be 'base' or 'reward_model', got {init!r}")
         backbone = AutoModel.from_pretrained(path, dtype=torch_dtype)
         head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
+        with gathered_for_init(head):  # ZeRO-3 partitions parameters as they are created
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
         return cls(backbone, head)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:

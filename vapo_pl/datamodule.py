@@ -271,7 +271,7 @@ class RolloutDataModule(pl.LightningDataModule):
             cfg = asdict(self.engine_config)
             kind = cfg.pop("kind")
             rank = self.rank
-            seed = derive_seed(self.seed, rank)
+            seed = derive_seed(self.seed, rank) % 2**31  # vLLM seeds numpy, which takes 32 bits
             if kind == "hf":
                 from vapo_pl.rollout.hf_engine import HFEngine
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 import traceback
@@ -177,11 +176,11 @@ class ProbedModule(VAPOModule):
         prep = self.prepare(batch)
         adv = self.compute_advantages(batch, self.token_rewards(batch), prep.get("old_values"))
         self.algorithm = replace(self.algorithm, minibatch_size=len(batch) * self._world)
-        n_micro = math.ceil(len(batch) / self.algorithm.micro_batch_size)
         for _ in range(FIXED_PASSES):
             stats = self.update(batch, prep, adv)
-            # the micro-batch losses sum to this rank's share; over ranks they sum to world x token mean
-            local = torch.tensor([stats["actor/pg_loss"] * n_micro], dtype=torch.float64)
+            # update() sums the micro-batch losses of a minibatch: this rank's share of the global token mean
+            # times the world size (each rank normalises by global tokens / world), hence the / world
+            local = torch.tensor([stats["actor/pg_loss"]], dtype=torch.float64)
             self.fixed_losses.append(float(self._sum_across_ranks(local)) / self._world)
         self.sync_weights()
         self.rl_step += 1
@@ -257,10 +256,11 @@ def make_strategy(name: str):
     if name == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
                                      process_group_backend="gloo")
-    stage = 3 if name.startswith("deepspeed3") else 2
-    # fp32 (no bf16/fp16 section), DeepSpeed's own clipping over both models together
-    clip = 0.0 if name.endswith("_noclip") else 1.0
-    config = {"zero_optimization": {"stage": stage}, "gradient_clipping": clip,
+    # configs/strategies/deepspeed_zero{2,3}.yaml without their bf16 section (fp32 on CPU); DeepSpeed clips
+    # the gradient norm over both models together
+    zero = ({"stage": 3, "stage3_gather_16bit_weights_on_model_save": True} if name.startswith("deepspeed3")
+            else {"stage": 2, "overlap_comm": True, "contiguous_gradients": True})
+    config = {"zero_optimization": zero, "gradient_clipping": 0.0 if name.endswith("_noclip") else 1.0,
               "train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True}
     if name == "deepspeed_stock":
         from lightning.pytorch.strategies import DeepSpeedStrategy

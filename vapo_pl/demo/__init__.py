@@ -3,7 +3,3 @@
 ``task`` generates the problems (shipped as ``data/train.jsonl`` and ``data/heldout.jsonl``);
 ``base_policy.ensure_base_policy()`` builds, or finds in the cache, the model that ``make demo`` trains.
 """
-
-from vapo_pl.demo.task import HELDOUT_FILE, TRAIN_FILE
-
-__all__ = ["HELDOUT_FILE", "TRAIN_FILE"]

@@ -51,19 +51,18 @@ class BaseSpec:
     """Everything that determines the base model; part of its cache key."""
 
     task: TaskSpec = field(default_factory=TaskSpec)  # the problems (train split) it learns from
-    p_forget: float = 0.6  # probability that the demonstrator forgets a carry
-    hidden_size: int = 128
+    p_forget: float = 0.65  # probability that the demonstrator forgets a carry
+    hidden_size: int = 64  # 136 k parameters: learns the task in ~1,300 steps, cheap for RL
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 256  # prompt <= 25 tokens, response <= 75 (EOS included)
-    steps: int = 1500  # optimizer steps of supervised training
-    batch_size: int = 64  # sequences per step, each a fresh demonstration of a random train prompt
+    steps: int = 1600  # optimizer steps of supervised training
+    batch_size: int = 16  # sequences per step, each a fresh demonstration of a random train prompt
     lr: float = 3e-3  # AdamW peak learning rate, linear warm-up then cosine decay to lr / 10
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.01
     seed: int = 0  # model initialisation and demonstration sampling
-    num_threads: int = 2  # torch CPU threads during the build
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, TaskSpec):
@@ -71,7 +70,7 @@ class BaseSpec:
         if not 0.0 <= self.p_forget <= 1.0:
             raise ValueError(f"BaseSpec.p_forget must be in [0, 1], got {self.p_forget!r}")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_position_embeddings",
-                     "steps", "batch_size", "num_threads"):
+                     "steps", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BaseSpec.{name} must be a positive int, got {value!r}")
@@ -101,13 +100,14 @@ def spec_hash(spec: BaseSpec) -> str:
 
 
 def ensure_base_policy(
-    cache_dir: str | Path | None = None, spec: BaseSpec | None = None, *, verbose: bool = False
+    cache_dir: str | Path | None = None, spec: BaseSpec | None = None, *, num_threads: int = 2, verbose: bool = False
 ) -> Path:
     """The base policy's directory (``save_pretrained`` model and tokenizer), built if not cached.
 
     Args:
         cache_dir: where builds live (default: ``default_cache_dir()``).
         spec: build parameters (default: ``BaseSpec()``, the demo's model).
+        num_threads: torch CPU threads while building (not part of the cache key).
         verbose: print the training loss every 100 steps while building.
 
     Returns:
@@ -124,7 +124,7 @@ def ensure_base_policy(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
     try:
-        seconds = build_base_policy(tmp, spec, verbose=verbose)
+        seconds = build_base_policy(tmp, spec, num_threads=num_threads, verbose=verbose)
         info = {"spec": dataclasses.asdict(spec), "build_seconds": round(seconds, 1)}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         try:
@@ -137,14 +137,14 @@ def ensure_base_policy(
     return final
 
 
-def build_base_policy(path: Path, spec: BaseSpec, verbose: bool = False) -> float:
+def build_base_policy(path: Path, spec: BaseSpec, *, num_threads: int = 2, verbose: bool = False) -> float:
     """Build the model at ``path`` and train it on demonstrations; returns the seconds taken."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vapo_pl.tiny import build_tiny_model
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(spec.num_threads)
+    torch.set_num_threads(num_threads)
     try:
         t0 = time.perf_counter()
         build_tiny_model(
@@ -166,13 +166,19 @@ def build_base_policy(path: Path, spec: BaseSpec, verbose: bool = False) -> floa
         torch.set_num_threads(threads)
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` with the chat template and generation prompt applied (``Q:<prompt>``, newline, ``A:``)."""
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
 def encode_demo(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """Token ids of prompt (chat template applied) + response + EOS, and where the response starts."""
-    prompt_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return list(prompt_ids) + response_ids, len(prompt_ids)
+    ids = prompt_ids(tokenizer, prompt)
+    return ids + tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id], len(ids)
 
 
 def pad_batch(encoded: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,89 +244,14 @@ def train_on_demonstrations(model, tokenizer, problems: list[Problem], spec: Bas
     model.eval()
 
 
-@torch.no_grad()
-def sample_responses(
-    model, tokenizer, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int = 96, seed: int = 0,
-    batch_size: int = 400,
-) -> list[list[str]]:
-    """``n`` responses per prompt from transformers ``generate`` (temperature 0 = greedy, n must be 1)."""
-    from transformers import GenerationConfig
-
-    if temperature == 0 and n != 1:
-        raise ValueError(f"greedy decoding gives one response per prompt, got n={n}")
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_k=0 if temperature > 0 else None,
-        top_p=1.0 if temperature > 0 else None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    flat = [p for p in prompts for _ in range(n)]
-    out: list[str] = []
-    for i in range(0, len(flat), batch_size):
-        chunk = [encode_demo(tokenizer, p, "")[0][:-1] for p in flat[i : i + batch_size]]  # drop the EOS
-        t = max(map(len, chunk))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (t - len(c)) + c for c in chunk])  # left-padded
-        gen = model.generate(input_ids=ids, attention_mask=ids.ne(tokenizer.pad_token_id), generation_config=config)
-        out += tokenizer.batch_decode(gen[:, t:], skip_special_tokens=True)
-    return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-
-def grade(responses: list[str], answers: list[str]) -> torch.Tensor:
-    """``math_verify`` correctness, (B,) bool, as the trainer's reward computes it."""
-    from vapo_pl.rewards import RewardInput, resolve_reward_fn
-
-    b = len(responses)
-    inputs = RewardInput(
-        prompts=[""] * b,
-        responses=responses,
-        answers=answers,
-        group_index=torch.arange(b),
-        lengths=torch.tensor([len(r) for r in responses]),
-        truncated=torch.zeros(b, dtype=torch.bool),
-        max_response_length=1000,
-    )
-    return resolve_reward_fn("math_verify")(inputs).correct
-
-
-def evaluate_base(path: str | Path, problems: list[Problem] | None = None, *, k: int = 8, seed: int = 0) -> dict:
-    """Held-out accuracy of the model at ``path``: greedy, mean@4 and mean@k sampled at T=1, pass@k.
-
-    Also the accuracies by number of carries and the response lengths (characters) of the samples.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    problems = task.read_split(task.HELDOUT_FILE) if problems is None else problems
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompts, answers = [p.prompt for p in problems], [p.answer for p in problems]
-    greedy = [r[0] for r in sample_responses(model, tokenizer, prompts, n=1, temperature=0.0)]
-    sampled = sample_responses(model, tokenizer, prompts, n=k, temperature=1.0, seed=seed)
-    ok_greedy = grade(greedy, answers).float()
-    ok = grade([r for rs in sampled for r in rs], [a for a in answers for _ in range(k)]).view(-1, k).float()
-    carries = torch.tensor([len(p.carries) for p in problems])
-    lengths = torch.tensor([len(r) for rs in sampled for r in rs], dtype=torch.float)
-    return {
-        "greedy": ok_greedy.mean().item(),
-        "mean@4": ok[:, :4].mean().item(),
-        f"mean@{k}": ok.mean().item(),
-        f"pass@{k}": ok.amax(1).mean().item(),
-        "mean@k_by_carries": {int(c): ok[carries == c].mean().item() for c in carries.unique()},
-        "greedy_by_carries": {int(c): ok_greedy[carries == c].mean().item() for c in carries.unique()},
-        "response_chars": {"mean": lengths.mean().item(), "min": lengths.min().item(), "max": lengths.max().item()},
-    }
-
-
 def main() -> None:
+    from vapo_pl.demo.evaluate import evaluate_policy
+
     path = ensure_base_policy(verbose=True)
-    info = json.loads((path / INFO_FILE).read_text())
     print(path)
-    print(f"build time {info['build_seconds']} s (when built)")
+    print(f"build time {json.loads((path / INFO_FILE).read_text())['build_seconds']} s (when it was built)")
     torch.set_num_threads(2)
-    print(json.dumps(evaluate_base(path), indent=2))
+    print(json.dumps(evaluate_policy(path), indent=2))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Structure that the base policy's imperfect demonstrations rely on (``demonstrati
   otherwise exact, always continuing from the number it wrote. A forgotten carry only changes a
   tens digit, so later steps carry exactly where they would have, and the final answer is short by
   ten per forgotten carry: a wrong path can never come back to the right answer.
+- No move (``+5``, ``-3``) occurs twice in a problem.
 - The start decade ``d0`` satisfies ``c <= d0 <= 9 - c``, so the true running value stays in
   ``[10, 99]`` and any demonstrator's value stays in ``[0, 99]`` (no minus signs, no third digit).
 
@@ -57,7 +58,7 @@ class TaskSpec:
     num_heldout: int = 200  # held-out prompts, disjoint from the training ones
     min_steps: int = 1  # operations per problem, drawn uniformly from [min_steps, max_steps]
     max_steps: int = 8
-    carry_weights: tuple[float, ...] = (0.1, 0.65, 0.25)  # P(c = 0, 1, 2 carries), c capped at the steps
+    carry_weights: tuple[float, ...] = (0.05, 0.8, 0.15)  # P(c = 0, 1, 2 carries), c capped at the steps
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_heldout", "min_steps"):
@@ -121,9 +122,11 @@ def parse_prompt(prompt: str) -> Problem:
 def sample_problem(rng: random.Random, spec: TaskSpec) -> Problem:
     """One problem: steps uniform in [min_steps, max_steps], then the carry count, then the numbers.
 
-    Carrying steps are placed at random; a non-carrying step picks uniformly among the 9 moves that
+    Carrying steps are placed at random; a non-carrying step picks uniformly among the moves that
     stay in the decade (add 1..9-u or subtract 1..u, with u the units digit), a carrying step among
-    the u additions that overflow. A draw that hits a dead end (u = 0 at a carrying step) is redrawn.
+    the additions that overflow (add 10-u..9). No move appears twice in a problem, so the next move
+    is always "the one after the move just made" in the prompt, a lookup a 2-layer model learns fast.
+    A draw that hits a dead end (no unused move of the needed kind) is redrawn.
     """
     num_steps = rng.randint(spec.min_steps, spec.max_steps)
     max_c = min(num_steps, len(spec.carry_weights) - 1)
@@ -135,11 +138,13 @@ def sample_problem(rng: random.Random, spec: TaskSpec) -> Problem:
         for i in range(num_steps):
             u = a % 10
             if i in carry_at:
-                if u == 0:
-                    break
-                op, b = "+", rng.randint(10 - u, 9)
+                moves = [("+", b) for b in range(10 - u, 10)]
             else:
-                op, b = rng.choice([("+", b) for b in range(1, 10 - u)] + [("-", b) for b in range(1, u + 1)])
+                moves = [("+", b) for b in range(1, 10 - u)] + [("-", b) for b in range(1, u + 1)]
+            moves = [m for m in moves if m not in ops]
+            if not moves:
+                break
+            op, b = rng.choice(moves)
             ops.append((op, b))
             a = a + b if op == "+" else a - b
         else:

@@ -1,0 +1,212 @@
+"""VAPO against vanilla PPO, GRPO and DAPO, and VAPO's seven ablations, on the demo task at equal rollout budget.
+
+Every run is ``vapo-pl fit`` on a config derived from ``configs/demo.yaml`` (same base policy, same prompts per
+step x samples per prompt, same number of RL steps, same held-out evaluation); only the algorithm changes.
+Writes ``<out>/compare.md`` (final held-out accuracy as mean and spread over seeds, steps to reach 0.8, whether
+a run collapsed) and ``<out>/compare.png`` (held-out accuracy against RL step), plus the raw curves as JSON.
+
+    python benchmarks/compare_algorithms.py                      # the full comparison (3 seeds; long)
+    python benchmarks/compare_algorithms.py --runs vapo grpo --seeds 1 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_SEEDS_RUNS = ("vapo", "ppo", "grpo", "dapo")
+ABLATIONS = ("wo_value_pretraining", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
+             "wo_token_level_loss", "wo_positive_example_lm_loss", "wo_group_sampling")
+
+
+def _drop_callback(cfg: dict, name: str) -> None:
+    cfg["trainer"]["callbacks"] = [c for c in cfg["trainer"]["callbacks"] if not c["class_path"].endswith(name)]
+
+
+def _ungroup(cfg: dict) -> None:
+    """Same samples per step, one sample per prompt (the paper's 8192 x 1 against 512 x 16)."""
+    data = cfg["data"]["init_args"]
+    data["prompts_per_step"] *= data["samples_per_prompt"]
+    data["samples_per_prompt"] = 1
+
+
+def make_config(base: dict, run: str) -> dict:
+    """The demo config with ``run``'s algorithm; everything that is not the algorithm stays as in the demo."""
+    cfg = copy.deepcopy(base)
+    algo = cfg["model"]["init_args"]["algorithm"]
+    data = cfg["data"]["init_args"]
+    lam = algo.get("lambda_policy", 0.95)
+    if run == "vapo":
+        pass
+    elif run == "ppo":  # the paper's vanilla PPO: sample-level loss, eps 0.2, lambda 0.95 for both, no extras
+        _drop_callback(cfg, "ValuePretraining")
+        algo.update(lambda_critic=lam, length_adaptive_alpha=None, eps_high=algo["eps_low"],
+                    loss_agg_mode="seq-mean-token-mean", nll_coef=0.0)
+        _ungroup(cfg)
+    elif run in ("grpo", "dapo"):
+        _drop_callback(cfg, "ValuePretraining")
+        algo.update(estimator="grpo", length_adaptive_alpha=None, nll_coef=0.0)
+        if run == "grpo":  # DeepSeekMath: sample-level loss, symmetric clip, k3 KL loss to the reference
+            algo.update(eps_high=algo["eps_low"], loss_agg_mode="seq-mean-token-mean", kl_loss_coef=0.001)
+        else:  # DAPO: clip-higher, token-level loss, dynamic sampling, overlong shaping
+            algo.update(loss_agg_mode="token-mean")
+            data.update(dynamic_sampling=True, max_sampling_rounds=3)
+            max_len = data["max_response_length"]
+            data["reward"] = list(data["reward"]) + [
+                {"name": "overlong", "kwargs": {"max_length": max_len, "cache_length": max(1, max_len // 5)}}]
+    elif run == "wo_value_pretraining":
+        _drop_callback(cfg, "ValuePretraining")
+    elif run == "wo_decoupled_gae":
+        algo["lambda_critic"] = lam
+    elif run == "wo_length_adaptive_gae":
+        algo["length_adaptive_alpha"] = None
+    elif run == "wo_clip_higher":
+        algo["eps_high"] = algo["eps_low"]
+    elif run == "wo_token_level_loss":
+        algo["loss_agg_mode"] = "seq-mean-token-mean"
+    elif run == "wo_positive_example_lm_loss":
+        algo["nll_coef"] = 0.0
+    elif run == "wo_group_sampling":
+        _ungroup(cfg)
+    else:
+        raise ValueError(f"unknown run {run!r}; valid: {', '.join(BASELINE_SEEDS_RUNS + ABLATIONS)}")
+    return cfg
+
+
+def read_curve(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return []
+    return sorted({e.step: e.value for e in acc.Scalars(tag)}.items())
+
+
+def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path) -> dict:
+    cfg = make_config(base, run)
+    cfg["seed_everything"] = seed
+    cfg["model"]["init_args"]["seed"] = seed
+    cfg["data"]["init_args"]["seed"] = seed
+    if steps is not None:
+        cfg["trainer"]["max_steps"] = steps
+    name = f"{run}/seed{seed}"
+    cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                "init_args": {"save_dir": str(work / "tb"), "name": name, "version": 0}}
+    cfg["trainer"]["enable_checkpointing"] = False
+    cfg["trainer"]["enable_progress_bar"] = False
+    path = work / f"{run}_seed{seed}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.time()
+    log_file = work / f"{run}_seed{seed}.log"
+    with log_file.open("w") as fh:
+        proc = subprocess.run([sys.executable, "-m", "vapo_pl.cli", "fit", "--config", str(path)], cwd=REPO,
+                              stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    seconds = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log_file}")
+    ev = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("Evaluation"))["init_args"]
+    tag = f"eval/{ev.get('name', 'heldout')}_mean@{ev.get('samples_per_prompt', 4)}"
+    log_dir = work / "tb" / name / "version_0"
+    return {"run": run, "seed": seed, "seconds": seconds, "tag": tag, "accuracy": read_curve(log_dir, tag),
+            "length": read_curve(log_dir, "rollout/response_length_mean")}
+
+
+def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
+    rows = []
+    for run in dict.fromkeys(r["run"] for r in results):
+        runs = [r for r in results if r["run"] == run]
+        finals = [r["accuracy"][-1][1] for r in runs if r["accuracy"]]
+        reach = [next((s for s, a in r["accuracy"] if a >= threshold), None) for r in runs]
+        # collapsed: ended well below its own best (lost what it had learned)
+        collapsed = sum(1 for r in runs if r["accuracy"] and
+                        max(a for _, a in r["accuracy"]) - r["accuracy"][-1][1] > 0.2)
+        reached = [s for s in reach if s is not None]
+        rows.append({
+            "run": run, "seeds": len(runs), "base": statistics.mean(r["accuracy"][0][1] for r in runs),
+            "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+            "steps_to_0.8": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
+            "collapsed": f"{collapsed}/{len(runs)}", "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
+        })
+    return rows
+
+
+def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare_curves.json").write_text(json.dumps(results, indent=1))
+    lines = ["| run | seeds | base acc | final acc (mean ± sd) | steps to 0.8 (runs reaching) | collapsed | min/run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
+                     f"{r['steps_to_0.8']} | {r['collapsed']} | {r['minutes']:.1f} |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, runs in ((axes[0], BASELINE_SEEDS_RUNS), (axes[1], ("vapo",) + ABLATIONS)):
+        for run in runs:
+            curves = [r["accuracy"] for r in results if r["run"] == run and r["accuracy"]]
+            if not curves:
+                continue
+            steps = [s for s, _ in curves[0]]
+            mean = [statistics.mean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
+            ax.plot(steps, mean, marker="o", ms=3, label=f"{run} (n={len(curves)})")
+            if len(curves) > 1:
+                lo = [min(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
+                hi = [max(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
+                ax.fill_between(steps, lo, hi, alpha=0.15)
+        ax.axhline(0.8, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("held-out accuracy (mean@k)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_title("VAPO vs baselines (equal rollout budget)")
+    axes[1].set_title("VAPO ablations")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    ap.add_argument("--runs", nargs="*", default=list(BASELINE_SEEDS_RUNS + ABLATIONS))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds for VAPO and the baselines")
+    ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds for each ablation")
+    ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    ap.add_argument("--out", default=str(REPO / "docs" / "results"))
+    ap.add_argument("--work", default=None, help="where configs, logs and TensorBoard runs go (default: a temp dir)")
+    args = ap.parse_args()
+
+    base = yaml.safe_load(Path(args.config).read_text())
+    work = Path(args.work or tempfile.mkdtemp(prefix="vapo_compare_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for run in args.runs:
+        for seed in range(args.seeds if run in BASELINE_SEEDS_RUNS else args.ablation_seeds):
+            r = run_one(base, run, seed, args.steps, work)
+            acc = r["accuracy"]
+            print(f"{run:28s} seed {seed}: {acc[0][1] if acc else float('nan'):.3f} -> "
+                  f"{acc[-1][1] if acc else float('nan'):.3f} in {r['seconds'] / 60:.1f} min", flush=True)
+            results.append(r)
+            (work / "partial_results.json").write_text(json.dumps(results))
+    write_outputs(results, summarise(results), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
