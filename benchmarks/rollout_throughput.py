@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
     import torch
@@ -55,8 +55,10 @@ def main() -> None:
     engine = dm.get_engine()
     prompts = dm.train_prompt_ids[: args.prompts]
     sampling = dm.training_sampling(seed=1)
+    # what the engine asks vLLM for: sampled-token log-probs in flat form, no detokenisation (the DataModule
+    # decodes in one batch call afterwards)
     params = SamplingParams(n=args.samples, temperature=sampling.temperature, max_tokens=args.max_tokens,
-                            logprobs=0, seed=1)
+                            logprobs=0, flat_logprobs=True, detokenize=False, seed=1)
     vllm_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
     def raw() -> tuple[int, float]:

@@ -52,15 +52,15 @@ class BaseSpec:
 
     task: TaskSpec = field(default_factory=TaskSpec)  # the problems (train split) it learns from
     p_forget: float = 0.65  # probability that the demonstrator forgets a carry
-    hidden_size: int = 64  # 136 k parameters: learns the task in ~1,300 steps, cheap for RL
-    num_layers: int = 2
+    hidden_size: int = 64  # with 3 layers, 186 k parameters: learns the task in ~700 steps
+    num_layers: int = 3
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 256  # prompt <= 25 tokens, response <= 75 (EOS included)
-    steps: int = 1600  # optimizer steps of supervised training
-    batch_size: int = 16  # sequences per step, each a fresh demonstration of a random train prompt
+    steps: int = 800  # optimizer steps of supervised training
+    batch_size: int = 32  # sequences per step, each a fresh demonstration of a random train prompt
     lr: float = 3e-3  # AdamW peak learning rate, linear warm-up then cosine decay to lr / 10
-    warmup_steps: int = 200
+    warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0  # model initialisation and demonstration sampling
 

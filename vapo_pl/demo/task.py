@@ -58,7 +58,7 @@ class TaskSpec:
     num_heldout: int = 200  # held-out prompts, disjoint from the training ones
     min_steps: int = 1  # operations per problem, drawn uniformly from [min_steps, max_steps]
     max_steps: int = 8
-    carry_weights: tuple[float, ...] = (0.05, 0.8, 0.15)  # P(c = 0, 1, 2 carries), c capped at the steps
+    carry_weights: tuple[float, ...] = (0.05, 0.85, 0.1)  # P(c = 0, 1, 2 carries), c capped at the steps
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_heldout", "min_steps"):
