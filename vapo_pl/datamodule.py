@@ -43,6 +43,7 @@ class EngineConfig:
     enable_sleep_mode: bool = True  # GPU only: free vLLM's memory while the trainer updates
     enforce_eager: bool | None = None  # skip torch.compile/CUDA graphs; None: eager on CPU (saves ~40 s of start-up)
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool | None = None  # None: off on CPU (vLLM 0.32 CPU bug with seeded requests), on on GPU
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -108,7 +108,7 @@ def test_splits_sizes_unique_and_disjoint(splits):
 
 
 def test_problem_invariants(splits):
-    """True values stay in [10, 99]; any set of forgotten carries stays in [0, 99] and is short by 10 each."""
+    """Any set of forgotten carries keeps every value in [10, 99] and makes the answer short by 10 each."""
     for p in splits[0] + splits[1]:
         assert 10 <= p.start <= 99 and 1 <= len(p.ops) <= 8
         assert all(op in "+-" and 1 <= b <= 9 for op, b in p.ops)
@@ -120,7 +120,7 @@ def test_problem_invariants(splits):
         for k in range(len(p.carries) + 1):
             for forgotten in combinations(p.carries, k):
                 values = [r for *_, r in task.run_chain(p, forgotten)]
-                assert all(0 <= v <= 99 for v in values)
+                assert all(10 <= v <= 99 for v in values)
                 assert values[-1] == int(p.answer) - 10 * k
 
 
@@ -130,7 +130,8 @@ def test_carry_and_length_mix(splits):
         counts = torch.bincount(torch.tensor([len(p.carries) for p in split]), minlength=3).float() / len(split)
         assert 0.02 < counts[0] < 0.1 and 0.75 < counts[1] < 0.93 and 0.05 < counts[2] < 0.18
         lengths = [len(p.solution()) for p in split]
-        assert min(lengths) == 18 and max(lengths) >= 72  # 1 step vs 8 steps
+        assert lengths == [8 * len(p.ops) + 10 for p in split]  # two-digit values: 8 characters a line
+        assert min(lengths) == 18 and max(lengths) == 74  # 1 step vs 8 steps
         assert max(lengths) / min(lengths) >= 4
         assert len({len(p.ops) for p in split}) == 8  # every chain length 1..8 occurs
 
@@ -145,6 +146,29 @@ def test_demonstration_forget_rate():
     assert abs(right - 0.4**2) < 0.03
     assert {task.demonstration(p, rng, 0.0) for _ in range(20)} == {p.solution()}
     assert {task.demonstration(p, rng, 1.0) for _ in range(20)} == {p.solution([0, 2])}
+    assert {task.sample_forgotten(p, rng, 1.0) for _ in range(5)} == {(0, 2)}
+
+
+def test_forks_hand_worked():
+    p = Problem(47, (("+", 5), ("-", 3), ("+", 8)))
+    # "47+5=52\n52-3=49\n49+8=57": tens digits at characters 5 and 21, 5|4 then 5|4
+    assert task.forks(p, ()) == [task.Fork(5, "5", "4"), task.Fork(21, "5", "4")]
+    # after dropping the first carry the path runs 42, 39, 39+8 = 47 kept or 37 dropped
+    assert task.forks(p, (0,)) == [task.Fork(5, "5", "4"), task.Fork(21, "4", "3")]
+    assert task.forks(Problem(12, (("-", 1),)), ()) == []
+
+
+def test_forks_are_where_the_paths_part(splits):
+    """Along any path, keeping or dropping a carry agrees up to its fork and differs exactly there."""
+    for p in splits[1]:
+        for k in range(len(p.carries) + 1):
+            for forgotten in combinations(p.carries, k):
+                text = p.solution(forgotten)
+                for step, fork in zip(p.carries, task.forks(p, forgotten)):
+                    other = p.solution(tuple(sorted(set(forgotten) ^ {step})))
+                    assert text[: fork.index] == other[: fork.index]
+                    kept, dropped = (other, text) if step in forgotten else (text, other)
+                    assert (kept[fork.index], dropped[fork.index]) == (fork.kept, fork.dropped)
 
 
 def test_every_shipped_answer_verifies(splits):

@@ -22,8 +22,9 @@ Structure that the base policy's imperfect demonstrations rely on (``demonstrati
   tens digit, so later steps carry exactly where they would have, and the final answer is short by
   ten per forgotten carry: a wrong path can never come back to the right answer.
 - No move (``+5``, ``-3``) occurs twice in a problem.
-- The start decade ``d0`` satisfies ``c <= d0 <= 9 - c``, so the true running value stays in
-  ``[10, 99]`` and any demonstrator's value stays in ``[0, 99]`` (no minus signs, no third digit).
+- The start decade ``d0`` satisfies ``max(1, c) <= d0 <= 9 - c``. A value's decade is ``d0`` plus the
+  carries kept so far, so every value on every path has two digits: each line is 8 characters and
+  a solution of ``s`` steps is ``8 s + 10`` (no minus signs, no third digit).
 
 Splits are drawn from one seeded ``random.Random``; prompts are unique, and train and held-out
 share none. ``write_splits`` writes the shipped ``data/train.jsonl`` and ``data/heldout.jsonl``
@@ -170,10 +171,41 @@ def generate_splits(spec: TaskSpec = TaskSpec()) -> tuple[list[Problem], list[Pr
     raise ValueError(f"TaskSpec asks for {total} unique prompts; the generator found only {len(drawn)}")
 
 
+def sample_forgotten(problem: Problem, rng: random.Random, p_forget: float) -> tuple[int, ...]:
+    """The imperfect demonstrator's slips: each carrying step is forgotten with probability ``p_forget``."""
+    return tuple(i for i in problem.carries if rng.random() < p_forget)
+
+
 def demonstration(problem: Problem, rng: random.Random, p_forget: float) -> str:
-    """An imperfect worked solution: each carry is forgotten with probability ``p_forget``."""
-    forgotten = [i for i in problem.carries if rng.random() < p_forget]
-    return problem.solution(forgotten)
+    """An imperfect worked solution: ``problem.solution(sample_forgotten(problem, rng, p_forget))``."""
+    return problem.solution(sample_forgotten(problem, rng, p_forget))
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Where a carrying step's result is first written differently with the carry kept or dropped."""
+
+    index: int  # character index in the solution text
+    kept: str  # the character written there when the carry is kept (the right one)
+    dropped: str  # the character written there when it is forgotten
+
+
+def forks(problem: Problem, forgotten: Sequence[int] = ()) -> list[Fork]:
+    """One ``Fork`` per carrying step of ``problem.solution(forgotten)``, along that solution's path.
+
+    Before the fork both continuations agree; ``solution`` writes ``dropped`` at steps in ``forgotten``
+    and ``kept`` at the others. Every value on every path has two digits, so the fork is always the
+    tens digit (``47+5=``: 5 kept, 4 dropped); the search for the first difference does not assume it.
+    """
+    out, offset = [], 0
+    for i, (a, op, b, r) in enumerate(run_chain(problem, forgotten)):
+        head = f"{a}{op}{b}="
+        if op == "+" and a % 10 + b >= 10:
+            kept, dropped = f"{a + b}\n", f"{a + b - 10}\n"
+            j = next(j for j, (x, y) in enumerate(zip(kept, dropped)) if x != y)
+            out.append(Fork(offset + len(head) + j, kept[j], dropped[j]))
+        offset += len(head) + len(str(r)) + 1
+    return out
 
 
 def rows(problems: Sequence[Problem]) -> list[dict[str, str]]:

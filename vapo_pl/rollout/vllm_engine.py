@@ -80,6 +80,8 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: skip CUDA graphs / ``torch.compile``: faster start, possibly slower decoding. On CPU
             the compiled start took 45-90 s here on a cold cache (vLLM keys it on the model path).
         enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the ``n`` samples of a prompt).
+        enable_chunked_prefill: split long prefills across steps; ``None`` = off on CPU (vLLM 0.32 crashes
+            there when a seeded request's prefill is chunked), vLLM's default on GPU.
         seed: base seed; the engine is seeded with ``seed + replica``.
         rank: global rank; default ``torch.distributed.get_rank()`` when a process group exists, else 0.
     """
@@ -96,6 +98,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         enforce_eager: bool = False,
         enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool | None = None,
         seed: int = 0,
         rank: int | None = None,
     ) -> None:
@@ -143,6 +146,9 @@ class VLLMEngine(RolloutEngine):
             "tensor_parallel_size": tensor_parallel_size,
             "enforce_eager": enforce_eager,
             "enable_prefix_caching": enable_prefix_caching,
+            # vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+            # chunked, which happens as soon as a batch's prompts exceed the token budget: off on CPU by default.
+            "enable_chunked_prefill": (not self.on_cpu) if enable_chunked_prefill is None else enable_chunked_prefill,
             "seed": self.seed,
             "logprobs_mode": "processed_logprobs",
             # Only our SamplingParams count: no defaults (repetition penalty, top-k ...) from the
