@@ -8,7 +8,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test venv
+.PHONY: test demo venv
 
 venv: $(STAMP)
 
@@ -24,3 +24,8 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
+
+# The embedded default: build (or reuse) the tiny base policy, then train it with VAPO on CPU.
+demo: $(STAMP)
+	$(VENV)/bin/python -m vapo_pl.demo.prepare
+	$(VENV)/bin/vapo-pl fit --config configs/demo.yaml

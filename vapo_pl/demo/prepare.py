@@ -1,6 +1,6 @@
 """Build (or find) the demo's base policy and point ``<cache>/base`` at it, the path ``configs/demo.yaml`` names.
 
-    python -m vapo_pl.demo.prepare
+python -m vapo_pl.demo.prepare
 """
 
 from __future__ import annotations
