@@ -20,9 +20,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+
 from torch import Tensor
+
+from vapo_pl.common import sum_across_ranks as _sum_across_ranks
 
 # Wang et al. 2025 (arXiv 2506.01939): the median token is below 0.01 nats, the 80th percentile is 0.672.
 LOW_ENTROPY_NATS = 0.01
@@ -50,13 +52,6 @@ def entropy_sums(entropy: Tensor, mask: Tensor, low_threshold: float, high_thres
         (ent < low_threshold).sum().to(torch.float64),
         (ent > high_threshold).sum().to(torch.float64),
     ])
-
-
-def _sum_across_ranks(x: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
 
 
 class EntropyTracker(pl.Callback):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vapo_pl.common import derive_seed
+from vapo_pl.common import derive_seed, sum_across_ranks as _sum_across_ranks, world as _world
 from vapo_pl.rollout.base import Sampling
 
 _EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training rollouts' seeds
@@ -106,19 +106,6 @@ def maj_at_k(answers: Sequence[Sequence[str | None]], correct: Tensor) -> Tensor
             winner = max(votes, key=lambda a: (votes[a], -first[a]))
             out[p] = float(correct[p, first[winner]])
     return out
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sum_across_ranks(x: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
 
 
 class Evaluation(pl.Callback):

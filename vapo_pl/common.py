@@ -45,8 +45,32 @@ def derive_seed(*parts: int) -> int:
     return h >> 2
 
 
-def build_engine(kind: str, model_path: str | Path, **options: Any) -> RolloutEngine:
-    """Construct the engine named ``kind`` for the model saved (``save_pretrained``) at ``model_path``.
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
 
-    ``options`` go to the engine's constructor (see ``VLLMEngine`` and ``HFEngine``).
-    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sum_across_ranks(x):
+    """``x`` summed over all ranks (a copy; ``x`` itself is untouched); ``x`` on one process."""
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def max_across_ranks(x: int) -> int:
+    """The largest ``x`` over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        t = torch.tensor([x], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return x

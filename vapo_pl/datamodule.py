@@ -12,17 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
 from vapo_pl.batch import RolloutBatch
-from vapo_pl.common import derive_seed, require_model_dir
+from vapo_pl.common import derive_seed, max_across_ranks, require_model_dir, world
 from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
 from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm
 from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
@@ -52,20 +51,6 @@ class EngineConfig:
             raise ValueError(f"engine.kv_cache_space_gb must be > 0, got {self.kv_cache_space_gb}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_ranks_max(x: int) -> int:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([x], dtype=torch.long)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-    return x
 
 
 class _RolloutStream(IterableDataset):
@@ -212,11 +197,11 @@ class RolloutDataModule(pl.LightningDataModule):
 
     @property
     def rank(self) -> int:
-        return _world()[0]
+        return world()[0]
 
     @property
     def world_size(self) -> int:
-        return _world()[1]
+        return world()[1]
 
     @property
     def prompts_per_rank(self) -> int:
@@ -368,7 +353,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 n_kept += int(informative.sum())
             # every rank runs the same number of rounds so engines and collectives stay in lockstep
             more = int(n_kept < need and rounds < self.max_sampling_rounds)
-            if not _all_ranks_max(more):
+            if not max_across_ranks(more):
                 break
         self.get_engine().sleep()  # GPU: hand the engine's memory to the trainer until the next weight sync
         out = _concat_groups(kept + spare, need, self._pad_id())

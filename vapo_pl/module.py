@@ -26,7 +26,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from vapo_pl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, AdvantageOutputs
@@ -38,7 +37,7 @@ from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
 from vapo_pl.algorithms.utils import masked_mean
 from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import RolloutBatch
-from vapo_pl.common import require_model_dir
+from vapo_pl.common import require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel
 from vapo_pl.prompts import PromptRecord, render_prompt
@@ -212,14 +211,11 @@ class VAPOModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ distributed helpers
     def _sum_across_ranks(self, x: Tensor) -> Tensor:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-        return x
+        return sum_across_ranks(x)
 
     @property
     def _world(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return world()[1]
 
     # ------------------------------------------------------------------ forward passes
     def policy_logprobs(self, model: nn.Module, batch: RolloutBatch, with_entropy: bool = False
