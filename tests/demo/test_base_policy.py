@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import time
@@ -22,29 +23,35 @@ def tok():
 
 
 def _encoded(tok, problem, forgotten):
-    return (*base_policy.encode_demo(tok, problem.prompt, problem.solution(forgotten)), task.forks(problem, forgotten))
+    return (
+        *base_policy.encode_demo(tok, problem.prompt, problem.solution(forgotten)),
+        task.forks(problem, forgotten),
+    )
 
 
 def test_encode_demo_and_collate(tok):
     p = task.Problem(47, (("+", 5),))
     ids, start, forks = _encoded(tok, p, (0,))
-    # "Q:47+5=?\nA:" is 11 characters, one token each; "47+5=42\n\boxed{42}" is 19, then EOS
-    assert start == 11 and len(ids) == 11 + 19 + 1
+    # "Q:47+5=?\nA:" is 11 characters, one token each; "47+5=42\n\boxed{42}" is 7 + 1 + 10, then EOS
+    assert start == 11 and len(ids) == 11 + 18 + 1
     assert tok.decode(ids[:start]) == "Q:47+5=?\nA:"
     assert tok.decode(ids[start:-1]) == "47+5=42\n\\boxed{42}" and ids[-1] == tok.eos_token_id
     assert forks == [task.Fork(5, "5", "4")]
-    short = task.Problem(12, (("-", 1),))  # no carry: "12-1=11\n\boxed{11}", 19 characters too
+    short = task.Problem(12, (("-", 1),))  # no carry: "12-1=11\n\boxed{11}", 30 tokens too; cut to 27
     s_ids, s_start, s_forks = _encoded(tok, short, ())
     batch = base_policy.collate(tok, [(ids, start, forks), (s_ids[:-3], s_start, s_forks)])
-    assert batch.input_ids.shape == batch.labels.shape == (2, 31)
+    assert batch.input_ids.shape == batch.labels.shape == (2, 30)
     assert batch.labels[0, :11].tolist() == [-100] * 11
     # the fork (response character 5, token 16) is learned through the soft target, not the label
     assert batch.labels[0, 16] == -100 and batch.input_ids[0, 16] == tok("4").input_ids[0]
     assert batch.labels[0, 11:16].tolist() == ids[11:16] and batch.labels[0, 17:].tolist() == ids[17:]
-    assert batch.labels[1, 11:28].tolist() == s_ids[11:28] and batch.labels[1, 28:].tolist() == [-100] * 3
-    assert batch.input_ids[1, 28:].tolist() == [tok.pad_token_id] * 3
+    assert batch.labels[1, 11:27].tolist() == s_ids[11:27] and batch.labels[1, 27:].tolist() == [-100] * 3
+    assert batch.input_ids[1, 27:].tolist() == [tok.pad_token_id] * 3
     assert (batch.fork_rows.tolist(), batch.fork_cols.tolist()) == ([0], [16])
-    assert (batch.fork_kept.tolist(), batch.fork_dropped.tolist()) == ([tok("5").input_ids[0]], [tok("4").input_ids[0]])
+    assert (batch.fork_kept.tolist(), batch.fork_dropped.tolist()) == (
+        [tok("5").input_ids[0]],
+        [tok("4").input_ids[0]],
+    )
 
 
 def test_demo_loss_hand_worked():
@@ -105,7 +112,9 @@ def test_demo_loss_matches_a_loop_and_the_sampled_expectation(tok, seed):
     for digit in (batch.fork_kept[0], batch.fork_dropped[0]):
         all_labels = labels.clone()
         all_labels[rows[0], cols[0]] = digit
-        sampled.append(demo_loss(logits, DemoBatch(batch.input_ids, all_labels, empty, empty, empty, empty), p))
+        sampled.append(
+            demo_loss(logits, DemoBatch(batch.input_ids, all_labels, empty, empty, empty, empty), p)
+        )
     assert sampled[0].item() != pytest.approx(sampled[1].item())
     expected = (1 - p) * sampled[0] + p * sampled[1]
     assert demo_loss(logits, one_fork, p).item() == pytest.approx(expected.item(), abs=1e-10)
@@ -121,7 +130,9 @@ def test_demo_batches_use_every_draw_once(tok):
     rng = random.Random(3)
     drawn = rng.choices(problems, k=4 * base_policy.BUCKET_BATCHES)
     unsorted = [_encoded(tok, p, task.sample_forgotten(p, rng, SMALL.p_forget))[0] for p in drawn]
-    seen = sorted(tok.decode([t for t in row.tolist() if t != tok.pad_token_id]) for b in got for row in b.input_ids)
+    seen = sorted(
+        tok.decode([t for t in row.tolist() if t != tok.pad_token_id]) for b in got for row in b.input_ids
+    )
     assert seen == sorted(tok.decode(ids) for ids in unsorted)
     assert sum(len(b.fork_rows) for b in got) == sum(len(p.carries) for p in drawn)
     padding = sum(int(b.input_ids.eq(tok.pad_token_id).sum()) for b in got)
@@ -136,7 +147,9 @@ def _loss(model_dir, problems) -> float:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rng = random.Random(0)
-    batch = base_policy.collate(tok, [_encoded(tok, p, task.sample_forgotten(p, rng, 0.65)) for p in problems])
+    batch = base_policy.collate(
+        tok, [_encoded(tok, p, task.sample_forgotten(p, rng, 0.65)) for p in problems]
+    )
     with torch.no_grad():
         return demo_loss(model(input_ids=batch.input_ids).logits, batch, 0.65).item()
 
@@ -151,7 +164,8 @@ def test_small_build_is_fast_loadable_and_trained(small_build, tmp_path):
     assert path.parent == cache and path.name == f"base-{base_policy.spec_hash(SMALL)}"
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temporary directory left behind
     info = json.loads((path / base_policy.INFO_FILE).read_text())
-    assert info["spec"] == dataclasses.asdict(SMALL) and info["build_seconds"] > 0
+    assert info["spec"] == json.loads(json.dumps(dataclasses.asdict(SMALL))) and info["build_seconds"] > 0
+    assert info["steps"] == SMALL.steps and info["check_nll"] > 0
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == SMALL.num_layers
@@ -159,8 +173,13 @@ def test_small_build_is_fast_loadable_and_trained(small_build, tmp_path):
     assert model.config.vocab_size > max(tokenizer(task.TASK_CHARS, add_special_tokens=False).input_ids)
     # the supervised steps did something: demonstration loss well below the untrained model's
     untrained = build_tiny_model(
-        tmp_path / "init", hidden_size=32, num_layers=SMALL.num_layers, num_heads=SMALL.num_heads,
-        num_kv_heads=SMALL.num_kv_heads, max_position_embeddings=256, seed=SMALL.seed,
+        tmp_path / "init",
+        hidden_size=32,
+        num_layers=SMALL.num_layers,
+        num_heads=SMALL.num_heads,
+        num_kv_heads=SMALL.num_kv_heads,
+        max_position_embeddings=256,
+        seed=SMALL.seed,
     )
     held = task.generate_splits(SMALL.task)[1]
     assert _loss(path, held) < 0.7 * _loss(untrained, held)
@@ -188,7 +207,7 @@ def test_another_spec_gets_another_directory(tmp_path, monkeypatch):
     def fake_build(path, spec, *, num_threads=1, verbose=False):
         built.append(spec)
         (path / "weights").write_text(str(spec.steps))
-        return 0.0
+        return {"build_seconds": 0.0}
 
     monkeypatch.setattr(base_policy, "build_base_policy", fake_build)
     a = ensure_base_policy(tmp_path, SMALL)
@@ -231,9 +250,36 @@ def test_build_is_deterministic(small_build, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"p_forget": 1.5}, "p_forget"), ({"hidden_size": 0}, "hidden_size"), ({"steps": 2.5}, "steps"),
-     ({"lr": 0.0}, "lr"), ({"warmup_steps": -1}, "warmup_steps"), ({"task": {}}, "task")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"warmup_steps": 2000}, "warmup_steps"),
+        ({"p_forget": 1.5}, "p_forget"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"steps": 2.5}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"task": {}}, "task"),
+    ],
 )
 def test_base_spec_rejects(kwargs, field):
     with pytest.raises(ValueError, match=field):
         BaseSpec(**kwargs)
+
+
+def test_lr_schedule_hand_worked():
+    spec = dataclasses.replace(SMALL, lr=1e-3, warmup_steps=4, steps=14)
+    # warm-up: 1/4 .. 4/4 of lr; then cosine over the 10 remaining steps from lr down to lr / 10
+    assert [base_policy.lr_at(s, spec) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert base_policy.lr_at(4, spec) == pytest.approx(1e-3)
+    assert base_policy.lr_at(9, spec) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+    assert base_policy.lr_at(14, spec) == pytest.approx(1e-4)
+    lrs = [base_policy.lr_at(s, spec) for s in range(4, 15)]
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+
+
+def test_default_spec_has_a_head_size_vllm_cpu_supports():
+    """vLLM's CPU attention refuses head size 8 or 16 ("Unsupported CPU attention configuration")."""
+    from vapo_pl.demo.base_policy import VLLM_CPU_HEAD_SIZES, BaseSpec
+
+    spec = BaseSpec()
+    assert spec.hidden_size % spec.num_heads == 0 and spec.hidden_size // spec.num_heads in VLLM_CPU_HEAD_SIZES

@@ -9,13 +9,14 @@ from vapo_pl.demo import evaluate, task
 
 
 def test_evaluate_policy_on_the_small_model(small_build):
+    """The real sampling path on a barely trained model: the numbers are in range, lengths are capped."""
     problems = task.generate_splits(SMALL.task)[1][:6]
-    result = evaluate.evaluate_policy(small_build[1], problems, k=4)
+    result = evaluate.evaluate_policy(small_build[1], problems, k=4, max_new_tokens=20)
     for key in ("greedy", "mean@4", "pass@4"):
         assert 0.0 <= result[key] <= 1.0
     assert result["pass@4"] >= result["mean@4"]
     assert sum(v["problems"] for v in result["by_carries"].values()) == 6
-    assert result["response_chars"]["min"] <= result["response_chars"]["max"] <= 96
+    assert result["response_chars"]["min"] <= result["response_chars"]["max"] <= 20
 
 
 def test_grade_uses_math_verify():

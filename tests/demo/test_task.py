@@ -57,8 +57,13 @@ def test_parse_prompt_rejects(bad):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"num_train": 0}, "num_train"), ({"min_steps": 0}, "min_steps"), ({"max_steps": 0}, "max_steps"),
-     ({"carry_weights": (0.0, 0.0)}, "carry_weights"), ({"carry_weights": (1.0, -1.0)}, "carry_weights")],
+    [
+        ({"num_train": 0}, "num_train"),
+        ({"min_steps": 0}, "min_steps"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"carry_weights": (0.0, 0.0)}, "carry_weights"),
+        ({"carry_weights": (1.0, -1.0)}, "carry_weights"),
+    ],
 )
 def test_task_spec_rejects(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -88,7 +93,8 @@ def test_write_splits_round_trip(tmp_path):
     train, heldout = task.generate_splits(spec)
     assert task.read_split(train_path) == train and task.read_split(heldout_path) == heldout
     assert set(train_path.read_text().splitlines()[0].replace('"', "").strip("{}").split(", ")) == {
-        f"prompt: {train[0].prompt}", f"answer: {train[0].answer}"
+        f"prompt: {train[0].prompt}",
+        f"answer: {train[0].answer}",
     }
 
 
@@ -127,7 +133,9 @@ def test_problem_invariants(splits):
 def test_carry_and_length_mix(splits):
     train, heldout = splits
     for split in (train, heldout):
-        counts = torch.bincount(torch.tensor([len(p.carries) for p in split]), minlength=3).float() / len(split)
+        counts = torch.bincount(torch.tensor([len(p.carries) for p in split]), minlength=3).float() / len(
+            split
+        )
         assert 0.02 < counts[0] < 0.1 and 0.75 < counts[1] < 0.93 and 0.05 < counts[2] < 0.18
         lengths = [len(p.solution()) for p in split]
         assert lengths == [8 * len(p.ops) + 10 for p in split]  # two-digit values: 8 characters a line
@@ -189,7 +197,9 @@ def test_characters_are_in_the_tiny_vocabulary(splits):
     assert set(task.TASK_CHARS) <= set(DEFAULT_CHARS)
     tok = build_char_tokenizer()
     for p in splits[1]:
-        text = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False
+        )
         text += p.solution()
         assert set(text) <= set(task.TASK_CHARS)
         ids = tok(text, add_special_tokens=False).input_ids

@@ -49,7 +49,9 @@ def sample_responses(
         chunk = [prompt_ids(tokenizer, p) for p in flat[i : i + batch_size]]
         t = max(map(len, chunk))
         ids = torch.tensor([[tokenizer.pad_token_id] * (t - len(c)) + c for c in chunk])  # (B, t) left-padded
-        gen = model.generate(input_ids=ids, attention_mask=ids.ne(tokenizer.pad_token_id), generation_config=config)
+        gen = model.generate(
+            input_ids=ids, attention_mask=ids.ne(tokenizer.pad_token_id), generation_config=config
+        )
         out += tokenizer.batch_decode(gen[:, t:], skip_special_tokens=True)
     return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -71,8 +73,17 @@ def grade(responses: list[str], answers: list[str]) -> torch.Tensor:
     return resolve_reward_fn("math_verify")(inputs).correct
 
 
-def evaluate_policy(path: str | Path, problems: list[Problem] | None = None, *, k: int = 8, seed: int = 0) -> dict:
+def evaluate_policy(
+    path: str | Path,
+    problems: list[Problem] | None = None,
+    *,
+    k: int = 8,
+    seed: int = 0,
+    max_new_tokens: int = 96,
+) -> dict:
     """Accuracy of the model at ``path`` on ``problems`` (default: the held-out split).
+
+    Responses are cut at ``max_new_tokens`` (a solution needs at most 75 with its EOS).
 
     Returns greedy accuracy; ``mean@4`` and ``mean@k`` (mean accuracy of the first 4 and of all ``k``
     samples at temperature 1); ``pass@k``; the same by number of carries; and the sampled responses'
@@ -86,10 +97,19 @@ def evaluate_policy(path: str | Path, problems: list[Problem] | None = None, *, 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts, answers = [p.prompt for p in problems], [p.answer for p in problems]
-    greedy = [r[0] for r in sample_responses(model, tokenizer, prompts, n=1, temperature=0.0)]
-    sampled = sample_responses(model, tokenizer, prompts, n=k, temperature=1.0, seed=seed)
+    greedy = [
+        r[0]
+        for r in sample_responses(
+            model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens
+        )
+    ]
+    sampled = sample_responses(
+        model, tokenizer, prompts, n=k, temperature=1.0, seed=seed, max_new_tokens=max_new_tokens
+    )
     ok_greedy = grade(greedy, answers).float()  # (P,)
-    ok = grade([r for rs in sampled for r in rs], [a for a in answers for _ in range(k)]).view(-1, k).float()  # (P, k)
+    ok = (
+        grade([r for rs in sampled for r in rs], [a for a in answers for _ in range(k)]).view(-1, k).float()
+    )  # (P, k)
     carries = torch.tensor([len(p.carries) for p in problems])
     lengths = torch.tensor([len(r) for rs in sampled for r in rs], dtype=torch.float)
     by = {int(c): carries == c for c in carries.unique()}
@@ -99,9 +119,17 @@ def evaluate_policy(path: str | Path, problems: list[Problem] | None = None, *, 
         f"mean@{k}": ok.mean().item(),
         f"pass@{k}": ok.amax(1).mean().item(),
         "by_carries": {
-            c: {"problems": int(m.sum()), "greedy": ok_greedy[m].mean().item(), f"mean@{k}": ok[m].mean().item(),
-                f"pass@{k}": ok[m].amax(1).mean().item()}
+            c: {
+                "problems": int(m.sum()),
+                "greedy": ok_greedy[m].mean().item(),
+                f"mean@{k}": ok[m].mean().item(),
+                f"pass@{k}": ok[m].amax(1).mean().item(),
+            }
             for c, m in by.items()
         },
-        "response_chars": {"mean": lengths.mean().item(), "min": int(lengths.min()), "max": int(lengths.max())},
+        "response_chars": {
+            "mean": lengths.mean().item(),
+            "min": int(lengths.min()),
+            "max": int(lengths.max()),
+        },
     }

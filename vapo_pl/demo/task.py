@@ -21,7 +21,8 @@ Structure that the base policy's imperfect demonstrations rely on (``demonstrati
   otherwise exact, always continuing from the number it wrote. A forgotten carry only changes a
   tens digit, so later steps carry exactly where they would have, and the final answer is short by
   ten per forgotten carry: a wrong path can never come back to the right answer.
-- No move (``+5``, ``-3``) occurs twice in a problem.
+- No move (``+5``, ``-3``) occurs twice in a problem, so the next move is always the one after the
+  move just made: a lookup by content, not by counting.
 - The start decade ``d0`` satisfies ``max(1, c) <= d0 <= 9 - c``. A value's decade is ``d0`` plus the
   carries kept so far, so every value on every path has two digits: each line is 8 characters and
   a solution of ``s`` steps is ``8 s + 10`` (no minus signs, no third digit).
@@ -70,7 +71,9 @@ class TaskSpec:
             raise ValueError(f"TaskSpec.max_steps must be an int in [min_steps, 16], got {self.max_steps!r}")
         w = self.carry_weights
         if not w or len(w) > 5 or any(x < 0 for x in w) or sum(w) <= 0:
-            raise ValueError(f"TaskSpec.carry_weights must be 1..5 non-negative weights, not all 0, got {w!r}")
+            raise ValueError(
+                f"TaskSpec.carry_weights must be 1..5 non-negative weights, not all 0, got {w!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ class Problem:
     @property
     def carries(self) -> tuple[int, ...]:
         """Indices of the steps whose units digits overflow."""
-        return tuple(i for i, (a, op, b, _) in enumerate(run_chain(self, ())) if op == "+" and a % 10 + b >= 10)
+        return tuple(
+            i for i, (a, op, b, _) in enumerate(run_chain(self, ())) if op == "+" and a % 10 + b >= 10
+        )
 
     def solution(self, forgotten: Sequence[int] = ()) -> str:
         """The worked solution; the steps listed in ``forgotten`` drop their carry."""
@@ -125,8 +130,8 @@ def sample_problem(rng: random.Random, spec: TaskSpec) -> Problem:
 
     Carrying steps are placed at random; a non-carrying step picks uniformly among the moves that
     stay in the decade (add 1..9-u or subtract 1..u, with u the units digit), a carrying step among
-    the additions that overflow (add 10-u..9). No move appears twice in a problem, so the next move
-    is always "the one after the move just made" in the prompt, a lookup a 2-layer model learns fast.
+    the additions that overflow (add 10-u..9). No move appears twice in a problem, so "the move after
+    the one just made" is unambiguous in the prompt.
     A draw that hits a dead end (no unused move of the needed kind) is redrawn.
     """
     num_steps = rng.randint(spec.min_steps, spec.max_steps)
