@@ -146,3 +146,22 @@ def test_value_pretraining_then_rl(make_run, tmp_path):
     assert rec.versions == [(0, 0)] and trainer.global_step == 1
     saved = torch.load(tmp_path / "critic.pt", weights_only=True)
     assert set(saved) == set(module.critic.state_dict())
+
+
+def test_gradient_checkpointing_gives_the_same_step(make_run):
+    """Recomputing activations in backward must not change the update (only memory)."""
+    from vapo_pl import VAPOModule
+
+    results = []
+    for flag in (False, True):
+        rec = Recorder()
+
+        class M(VAPOModule):
+            def __init__(self, **kw):
+                super().__init__(gradient_checkpointing=flag, **kw)
+
+        module, dm, trainer = make_run(module_cls=M, trainer=dict(max_steps=1, callbacks=[rec]))
+        trainer.fit(module, dm)
+        assert module.actor.is_gradient_checkpointing == flag
+        results.append(rec.metrics[0]["actor/grad_norm"])
+    assert results[0] == pytest.approx(results[1], rel=1e-4)
