@@ -10,29 +10,14 @@ import torch
 
 from vapo_pl.demo import task
 from vapo_pl.demo.task import Problem, TaskSpec
-from vapo_pl.rewards import RewardInput, resolve_reward_fn
+from vapo_pl.demo.evaluate import grade
 from vapo_pl.tiny import DEFAULT_CHARS, build_char_tokenizer
 
-math_verify = resolve_reward_fn("math_verify")
 
 
 @pytest.fixture(scope="module")
 def splits() -> tuple[list[Problem], list[Problem]]:
     return task.generate_splits()
-
-
-def _grade(responses: list[str], answers: list[str]) -> torch.Tensor:
-    b = len(responses)
-    inputs = RewardInput(
-        prompts=[""] * b,
-        responses=responses,
-        answers=answers,
-        group_index=torch.arange(b),
-        lengths=torch.tensor([len(r) for r in responses]),
-        truncated=torch.zeros(b, dtype=torch.bool),
-        max_response_length=128,
-    )
-    return math_verify(inputs).scores
 
 
 def test_hand_worked_problem():
@@ -183,13 +168,13 @@ def test_every_shipped_answer_verifies(splits):
     """The real ``math_verify`` reward: each canonical solution scores 1; a wrong final number scores 0."""
     problems = splits[0] + splits[1]
     answers = [p.answer for p in problems]
-    right = _grade([p.solution() for p in problems], answers)
+    right = grade([p.solution() for p in problems], answers).float()
     assert right.tolist() == [1.0] * len(problems)
     off_by_one = [p.solution()[: -len(p.answer) - 1] + f"{int(p.answer) + 1}}}" for p in problems]
     assert all(s.endswith(f"\\boxed{{{int(p.answer) + 1}}}") for s, p in zip(off_by_one, problems))
-    assert _grade(off_by_one, answers).tolist() == [0.0] * len(problems)
+    assert grade(off_by_one, answers).float().tolist() == [0.0] * len(problems)
     with_carry = [p for p in problems if p.carries]
-    forgotten = _grade([p.solution(p.carries[:1]) for p in with_carry], [p.answer for p in with_carry])
+    forgotten = grade([p.solution(p.carries[:1]) for p in with_carry], [p.answer for p in with_carry]).float()
     assert forgotten.tolist() == [0.0] * len(with_carry)
 
 

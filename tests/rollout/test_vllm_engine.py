@@ -25,15 +25,6 @@ from vapo_pl.rollout.vllm_engine import VLLMEngine
 GREEDY = Sampling(n=1, temperature=0.0, max_tokens=24)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """On 2 shared cores torch's OpenMP workers spin-wait against other processes: 1 thread runs ~8x faster."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return VLLMEngine(tiny_model_dir, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
