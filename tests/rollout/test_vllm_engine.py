@@ -112,6 +112,18 @@ def test_seeded_calls_reproduce_and_streams_differ(engine, synced):
 
 
 @pytest.mark.vllm
+def test_seeded_batch_larger_than_the_token_budget(engine):
+    """Regression: vLLM 0.32 on CPU crashed ("CPU Generator does not use offset") when the prompts of a seeded
+    call exceeded the scheduler's token budget and a prefill was chunked; the engine turns chunking off on CPU
+    (with ``enable_chunked_prefill=True`` this test fails)."""
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    plen = 40
+    n_prompts = budget // plen + 8  # more prompt tokens than one scheduler step takes
+    prompts = [[5 + i % 60] * plen for i in range(n_prompts)]
+    out = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_tokens=2, seed=3))
+    assert len(out) == n_prompts and all(len(g) == 2 and g[0].token_ids for g in out)
+
+
 def test_hf_engine_greedy_matches_vllm_on_same_weights(engine, synced):
     """Cross-engine check: left-padded batched HF generation vs vLLM, greedy, on the synced weights."""
     from vapo_pl.rollout.hf_engine import HFEngine
@@ -204,14 +216,3 @@ def test_one_engine_per_rank_under_torchrun(tiny_model_dir, tmp_path):
     assert [r["sum"] for r in ranks] == [3.0, 3.0]  # 1 + 2 on both ranks
     assert ranks[0]["tokens"] != ranks[1]["tokens"]
 
-
-def test_seeded_batch_larger_than_the_token_budget(engine):
-    """Regression: vLLM 0.32 on CPU crashed ("CPU Generator does not use offset") when the prompts of a seeded
-    call exceeded the scheduler's token budget and a prefill was chunked; the engine turns chunking off on CPU
-    (with ``enable_chunked_prefill=True`` this test fails)."""
-    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-    plen = 40
-    n_prompts = budget // plen + 8  # more prompt tokens than one scheduler step takes
-    prompts = [[5 + i % 60] * plen for i in range(n_prompts)]
-    out = engine.generate(prompts, Sampling(n=2, temperature=1.0, max_tokens=2, seed=3))
-    assert len(out) == n_prompts and all(len(g) == 2 and g[0].token_ids for g in out)
