@@ -1,16 +1,23 @@
 """The demo's base policy: a tiny Qwen2 taught the task by imitation of an imperfect demonstrator.
 
-``ensure_base_policy()`` returns a directory holding a ``save_pretrained`` Qwen2 and its character
-tokenizer, built on first use and cached. The model is trained by next-token cross-entropy on the
-response tokens of worked solutions (``task.demonstration``) in which every carry is forgotten with
-probability ``p_forget`` (0.6): it learns each step's arithmetic, and learns that the carry is
-written only sometimes. So:
+``ensure_base_policy()`` returns a directory holding a ``save_pretrained`` Qwen2 (3 layers, hidden
+64, 198 k parameters) and its character tokenizer, built on first use and cached. It is trained by
+next-token cross-entropy on worked solutions of the training prompts in which each carry is
+forgotten with probability ``p_forget`` = 0.65 (``task.sample_forgotten``): it learns every step's
+arithmetic and the lookup of the next move, and that a carry is written a third of the time. So:
 
-- greedy decoding forgets every carry (the wrong digit is the likelier one) and solves only the
-  carry-free problems; sampling at temperature 1 solves a one-carry problem about 40% of the time
-  and a two-carry one about 16%: held-out accuracy well under 0.4 either way;
-- the right answer is within the policy's distribution on every problem, so pass@8 is high and RL
-  has a signal to amplify: a reward for the final answer, credited to the few carry tokens.
+- greedy decoding drops every carry and solves only the carry-free problems (5%);
+- sampling at temperature 1 solves a one-carry problem about 35% of the time and a two-carry one
+  about 12%: held-out mean accuracy about 0.35;
+- the right answer is in the policy's distribution everywhere (pass@8 about 0.9), and what RL has
+  to learn is one decision per carry, at one token, in solutions 18 to 74 tokens long.
+
+Measured on the default build (seed 0): greedy 0.03, mean@4 0.335, mean@8 0.347, pass@8 0.905.
+
+Departure from plain imitation: at each carry fork the loss takes the demonstrator's distribution
+(0.35 kept, 0.65 dropped) as a soft target instead of the digit the sampled demonstration wrote
+(``demo_loss``). Same expected gradient, no sampling noise; with hard targets the carry
+probability of the trained model drifted between 0.12 and 0.48 across tens digits.
 
 Cache: the directory is named by a hash of this file, ``task.py``, ``tiny.py``, the ``BaseSpec`` and
 the torch/transformers versions, under ``cache_dir`` (default ``$VAPO_PL_CACHE/demo`` if set, else
@@ -18,7 +25,7 @@ the torch/transformers versions, under ``cache_dir`` (default ``$VAPO_PL_CACHE/d
 interrupted build leaves no half-written model behind, and a finished one is never rebuilt.
 
 ``python -m vapo_pl.demo.base_policy`` builds (or finds) the model, prints its path and its held-out
-accuracy (greedy, mean@4 sampled at temperature 1, pass@8) graded by the ``math_verify`` reward.
+accuracy (greedy, mean@4 and mean@8 at temperature 1, pass@8) graded by the ``math_verify`` reward.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ class BaseSpec:
 
     task: TaskSpec = field(default_factory=TaskSpec)  # the problems (train split) it learns from
     p_forget: float = 0.65  # probability that the demonstrator forgets a carry
-    hidden_size: int = 64  # 3 layers of 64: 174 k parameters; 2 layers learn the lookups too slowly
+    hidden_size: int = 64  # 3 layers of 64: 198 k parameters; 2 layers learn the lookups too slowly
     num_layers: int = 3
     num_heads: int = 2  # head size 32: vLLM's CPU attention supports only VLLM_CPU_HEAD_SIZES
     num_kv_heads: int = 2
