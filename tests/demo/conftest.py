@@ -9,9 +9,15 @@ import pytest
 from vapo_pl.demo.base_policy import BaseSpec, ensure_base_policy
 from vapo_pl.demo.task import TaskSpec
 
-# A model half the demo's width, trained for 40 steps on 200 prompts.
+# A model half the demo's width (one head of 32, a size vLLM's CPU attention supports), 40 steps, 200 prompts.
 SMALL = BaseSpec(
-    task=TaskSpec(num_train=200, num_heldout=20), hidden_size=32, steps=40, batch_size=16, warmup_steps=5
+    task=TaskSpec(num_train=200, num_heldout=20),
+    hidden_size=32,
+    num_heads=1,
+    num_kv_heads=1,
+    steps=40,
+    batch_size=16,
+    warmup_steps=5,
 )
 
 

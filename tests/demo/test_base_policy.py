@@ -252,6 +252,9 @@ def test_build_is_deterministic(small_build, tmp_path):
     "kwargs, field",
     [
         ({"steps": 0}, "steps"),
+        ({"num_heads": 4}, "num_heads"),  # head size 16
+        ({"num_heads": 3}, "num_heads"),  # 64 / 3
+        ({"num_heads": 2, "num_kv_heads": 3}, "num_kv_heads"),
         ({"warmup_steps": 2000}, "warmup_steps"),
         ({"p_forget": 1.5}, "p_forget"),
         ({"hidden_size": 0}, "hidden_size"),
@@ -282,4 +285,6 @@ def test_default_spec_has_a_head_size_vllm_cpu_supports():
     from vapo_pl.demo.base_policy import VLLM_CPU_HEAD_SIZES, BaseSpec
 
     spec = BaseSpec()
-    assert spec.hidden_size % spec.num_heads == 0 and spec.hidden_size // spec.num_heads in VLLM_CPU_HEAD_SIZES
+    assert (
+        spec.hidden_size % spec.num_heads == 0 and spec.hidden_size // spec.num_heads in VLLM_CPU_HEAD_SIZES
+    )

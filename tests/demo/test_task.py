@@ -1,4 +1,4 @@
-"""The demo task: hand-worked solutions, generator determinism, the shipped splits, grading by ``math_verify``."""
+"""The demo task: hand-worked solutions, determinism, the shipped splits, grading by ``math_verify``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from vapo_pl.demo import task
-from vapo_pl.demo.task import Problem, TaskSpec
 from vapo_pl.demo.evaluate import grade
+from vapo_pl.demo.task import Problem, TaskSpec
 from vapo_pl.tiny import DEFAULT_CHARS, build_char_tokenizer
-
 
 
 @pytest.fixture(scope="module")
