@@ -245,3 +245,13 @@ def test_console_script_help():
     assert result.returncode == 0, result.stderr
     for word in ("vapo-pl: VAPO", "--config", "--print_config", "fit", "validate"):
         assert word in result.stdout
+
+
+def test_console_script_exits_zero_after_a_run(monkeypatch):
+    """The installed wrapper does ``sys.exit(main())``: after a finished run ``main`` must return 0, not the
+    CLI object (``sys.exit`` would print that object and exit with status 1, failing ``make demo``)."""
+    ran = []
+    monkeypatch.setattr(cli, "run", lambda args=None: ran.append(args) or object())
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(["fit"]))
+    assert ran == [["fit"]] and exit_info.value.code == 0

@@ -251,10 +251,18 @@ def build_parser() -> LightningArgumentParser:
     raise AssertionError("LightningCLI.__init__ returned without parsing")
 
 
-def main(args: list[str] | None = None) -> VAPOCLI:
-    """The ``vapo-pl`` console script; ``args`` replaces ``sys.argv[1:]`` (for calls from Python)."""
+def run(args: list[str] | None = None) -> VAPOCLI:
+    """Run ``vapo-pl <args>`` in this process and return the CLI (its trainer, model and datamodule);
+    ``args`` replaces ``sys.argv[1:]``."""
     return VAPOCLI(**CLI_KWARGS, args=args)
 
 
+def main(args: list[str] | None = None) -> int:
+    """The ``vapo-pl`` console script. Returns the process exit code (0): the console-script wrapper
+    passes it to ``sys.exit``, which would print any other object and exit with status 1."""
+    run(args)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

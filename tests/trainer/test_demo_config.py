@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def test_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from vapo_pl.cli import main
+    from vapo_pl.cli import run
 
     monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -29,7 +29,7 @@ def test_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch, capsy
                                "init_args": {"save_dir": str(tmp_path / "tb"), "name": "smoke"}}},
         "model": {"init_args": {"model_path": str(tiny_model_dir)}},
     }))
-    cli = main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(overlay)])
+    cli = run(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(overlay)])
     module = cli.trainer.lightning_module
     assert cli.trainer.global_step == 2 and module.policy_version == 2
     # all seven VAPO techniques are on in the demo config
