@@ -94,8 +94,11 @@ def read_curve(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     return sorted({e.step: e.value for e in acc.Scalars(tag)}.items())
 
 
-def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path) -> dict:
+def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval_every: int | None = None) -> dict:
     cfg = make_config(base, run)
+    ev = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("Evaluation"))["init_args"]
+    if eval_every is not None:
+        ev["every_n_steps"] = eval_every
     cfg["seed_everything"] = seed
     cfg["model"]["init_args"]["seed"] = seed
     cfg["data"]["init_args"]["seed"] = seed
@@ -116,11 +119,16 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path) -> d
     seconds = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log_file}")
-    ev = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("Evaluation"))["init_args"]
     tag = f"eval/{ev.get('name', 'heldout')}_mean@{ev.get('samples_per_prompt', 4)}"
     log_dir = work / "tb" / name / "version_0"
+    # rollout budget: samples generated for training, value pretraining and DAPO's extra sampling rounds included
+    data = cfg["data"]["init_args"]
+    per_round = data["prompts_per_step"] * data["samples_per_prompt"]
+    rounds = sum(v for _, v in read_curve(log_dir, "rollout/sampling_rounds"))
+    pretrain_steps = len(read_curve(log_dir, "pretrain/value_loss"))
     return {"run": run, "seed": seed, "seconds": seconds, "tag": tag, "accuracy": read_curve(log_dir, tag),
-            "length": read_curve(log_dir, "rollout/response_length_mean")}
+            "length": read_curve(log_dir, "rollout/response_length_mean"),
+            "samples": int(per_round * (rounds + pretrain_steps))}
 
 
 def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
@@ -137,7 +145,8 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
             "run": run, "seeds": len(runs), "base": statistics.mean(r["accuracy"][0][1] for r in runs),
             "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
             "steps_to_0.8": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
-            "collapsed": f"{collapsed}/{len(runs)}", "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
+            "collapsed": f"{collapsed}/{len(runs)}",
+            "samples": statistics.mean(r.get("samples", 0) for r in runs), "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
         })
     return rows
 
@@ -145,11 +154,12 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
 def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_curves.json").write_text(json.dumps(results, indent=1))
-    lines = ["| run | seeds | base acc | final acc (mean ± sd) | steps to 0.8 (runs reaching) | collapsed | min/run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | base acc | final acc (mean ± sd) | steps to 0.8 (runs reaching) | collapsed "
+             "| samples generated | min/run |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
-                     f"{r['steps_to_0.8']} | {r['collapsed']} | {r['minutes']:.1f} |")
+                     f"{r['steps_to_0.8']} | {r['collapsed']} | {r['samples']:.0f} | {r['minutes']:.1f} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -189,6 +199,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds for VAPO and the baselines")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds for each ablation")
     ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    ap.add_argument("--eval-every", type=int, default=5, help="held-out evaluation every this many RL steps")
     ap.add_argument("--out", default=str(REPO / "docs" / "results"))
     ap.add_argument("--work", default=None, help="where configs, logs and TensorBoard runs go (default: a temp dir)")
     args = ap.parse_args()
@@ -199,7 +210,7 @@ def main() -> None:
     results = []
     for run in args.runs:
         for seed in range(args.seeds if run in BASELINE_SEEDS_RUNS else args.ablation_seeds):
-            r = run_one(base, run, seed, args.steps, work)
+            r = run_one(base, run, seed, args.steps, work, args.eval_every)
             acc = r["accuracy"]
             print(f"{run:28s} seed {seed}: {acc[0][1] if acc else float('nan'):.3f} -> "
                   f"{acc[-1][1] if acc else float('nan'):.3f} in {r['seconds'] / 60:.1f} min", flush=True)
