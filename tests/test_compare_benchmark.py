@@ -1,0 +1,129 @@
+"""``benchmarks/compare_algorithms.py`` without its 19 training runs: the configs it derives and its report.
+
+Every derived config goes through the real ``vapo-pl`` parser and the cross-field checks ``vapo-pl fit`` runs,
+so a run of the comparison cannot die on a config mistake an hour in. The report functions get curves built
+here; the full comparison itself is a benchmark (its output is committed under ``docs/results``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from vapo_pl.cli import build_parser, validate_run_config
+
+_spec = importlib.util.spec_from_file_location("compare_algorithms", REPO / "benchmarks" / "compare_algorithms.py")
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+DEMO = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+ALL_RUNS = compare.BASELINE_SEEDS_RUNS + compare.ABLATIONS
+
+
+def _algo(cfg: dict) -> dict:
+    return cfg["model"]["init_args"]["algorithm"]
+
+
+def _callbacks(cfg: dict) -> list[str]:
+    return [c["class_path"].rsplit(".", 1)[-1] for c in cfg["trainer"]["callbacks"]]
+
+
+def _budget(cfg: dict) -> tuple[int, int]:
+    data = cfg["data"]["init_args"]
+    return data["prompts_per_step"] * data["samples_per_prompt"], cfg["trainer"]["max_steps"]
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return build_parser()
+
+
+@pytest.mark.parametrize("run", ALL_RUNS)
+def test_every_run_parses_and_passes_the_fit_checks(run, parser, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the demo config names its data relative to the repository
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(compare.make_config(DEMO, run)))
+    cfg = parser.parse_args(["fit", "--config", str(path), f"--model.init_args.model_path={tiny_model_dir}"]).fit
+    validate_run_config(cfg)
+
+
+@pytest.mark.parametrize("run", ALL_RUNS)
+def test_every_run_has_the_demo_rollout_budget(run):
+    assert _budget(compare.make_config(DEMO, run)) == _budget(DEMO)
+
+
+def test_vapo_is_the_demo_config_unchanged():
+    assert compare.make_config(DEMO, "vapo") == DEMO
+
+
+@pytest.mark.parametrize(("run", "key", "value"), [
+    ("wo_decoupled_gae", "lambda_critic", 0.95),
+    ("wo_length_adaptive_gae", "length_adaptive_alpha", None),
+    ("wo_clip_higher", "eps_high", 0.2),
+    ("wo_token_level_loss", "loss_agg_mode", "seq-mean-token-mean"),
+    ("wo_positive_example_lm_loss", "nll_coef", 0.0),
+])
+def test_each_algorithm_ablation_changes_exactly_its_technique(run, key, value):
+    cfg = compare.make_config(DEMO, run)
+    changed = {k for k in _algo(cfg) if _algo(cfg)[k] != _algo(DEMO)[k]}
+    assert changed == {key} and _algo(cfg)[key] == value
+    assert cfg["data"] == DEMO["data"] and _callbacks(cfg) == _callbacks(DEMO)
+
+
+def test_the_other_two_ablations():
+    wo_pretrain = compare.make_config(DEMO, "wo_value_pretraining")
+    assert "ValuePretraining" in _callbacks(DEMO) and "ValuePretraining" not in _callbacks(wo_pretrain)
+    assert _algo(wo_pretrain) == _algo(DEMO)
+    wo_group = compare.make_config(DEMO, "wo_group_sampling")["data"]["init_args"]
+    assert wo_group["samples_per_prompt"] == 1 and _algo(compare.make_config(DEMO, "wo_group_sampling")) == _algo(DEMO)
+
+
+def test_baselines_encode_their_algorithms():
+    ppo, grpo, dapo = (compare.make_config(DEMO, r) for r in ("ppo", "grpo", "dapo"))
+    assert _algo(ppo)["estimator"] == "gae" and _algo(ppo)["lambda_critic"] == _algo(ppo)["lambda_policy"]
+    assert _algo(ppo)["eps_high"] == _algo(ppo)["eps_low"] and _algo(ppo)["nll_coef"] == 0.0
+    assert "ValuePretraining" not in _callbacks(ppo)
+    assert _algo(grpo)["estimator"] == "grpo" and _algo(grpo)["kl_loss_coef"] > 0
+    assert _algo(grpo)["loss_agg_mode"] == "seq-mean-token-mean"
+    assert _algo(dapo)["estimator"] == "grpo" and _algo(dapo)["eps_high"] > _algo(dapo)["eps_low"]
+    assert _algo(dapo)["loss_agg_mode"] == "token-mean" and dapo["data"]["init_args"]["dynamic_sampling"]
+    assert [t["name"] for t in dapo["data"]["init_args"]["reward"]] == ["math_verify", "overlong"]
+
+
+def test_unknown_run_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown run 'vapoo'; valid: vapo, ppo"):
+        compare.make_config(DEMO, "vapoo")
+
+
+def _result(run, seed, accuracy, samples=1000, seconds=60.0):
+    return {"run": run, "seed": seed, "seconds": seconds, "accuracy": list(enumerate(accuracy)), "samples": samples}
+
+
+def test_summary_statistics():
+    results = [
+        _result("a", 0, [0.3, 0.7, 0.85, 0.9]),
+        _result("a", 1, [0.4, 0.82, 0.8, 0.5]),  # reaches 0.8 at step 1, then loses 0.32: collapsed
+        _result("b", 0, [0.3, 0.5, 0.6, 0.7], samples=3000, seconds=120.0),
+    ]
+    a, b = compare.summarise(results)
+    assert a["run"] == "a" and a["seeds"] == 2
+    assert a["base"] == pytest.approx(0.35)
+    assert a["final_mean"] == pytest.approx(0.7) and a["final_std"] == pytest.approx(statistics.pstdev([0.9, 0.5]))
+    assert a["steps_to_0.8"] == "2 (2/2)"  # steps 2 and 1
+    assert a["collapsed"] == "1/2"
+    assert b["steps_to_0.8"] == "never" and b["collapsed"] == "0/1" and b["final_std"] == 0.0
+    assert b["samples"] == 3000 and b["minutes"] == pytest.approx(2.0)
+
+
+def test_report_files(tmp_path):
+    results = [_result(r, s, [0.3, 0.6 + 0.1 * s, 0.85]) for r in ("vapo", "grpo") for s in range(2)]
+    compare.write_outputs(results, compare.summarise(results), tmp_path)
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| run | seeds |") and len(table) == 2 + 2
+    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | 1000 |")
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
