@@ -495,10 +495,6 @@ class VAPOModule(pl.LightningModule):
             "actor/advantages_min": float(adv.advantages[mask].min()) if mask.any() else 0.0,
             "critic/returns_mean": float(masked_mean(adv.returns, mask)),
         }
-        if correct.any():
-            m["rollout/length_correct_mean"] = float(lengths[correct].mean())
-        if (~correct).any():
-            m["rollout/length_wrong_mean"] = float(lengths[~correct].mean())
         if "entropy" in prep:
             m["actor/entropy"] = float(masked_mean(prep["entropy"], mask))
         if "old_values" in prep:

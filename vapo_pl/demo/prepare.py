@@ -17,11 +17,11 @@ def prepare(cache_dir: str | Path | None = None) -> Path:
     t0 = time.time()
     path = ensure_base_policy(cache, verbose=True)
     link = cache / "base"
-    if link.is_symlink() or link.exists():
-        if link.resolve() == path.resolve():
-            print(f"base policy: {path} (cached, {time.time() - t0:.1f} s)", flush=True)
-            return link
-        link.unlink()
+    if link.is_symlink() and link.resolve() == path.resolve():
+        print(f"base policy: {path} (cached, {time.time() - t0:.1f} s)", flush=True)
+        return link
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} is not a symlink; move it away so it can point at {path.name}")
     tmp = cache / f".base-link-{os.getpid()}"
     tmp.symlink_to(path.name)
     tmp.replace(link)  # atomic: a reader sees the old or the new target, never none
