@@ -136,6 +136,27 @@ def test_hf_engine_greedy_matches_vllm_on_same_weights(engine, synced):
 
 
 @pytest.mark.vllm
+def test_sync_logs_are_quiet_but_real_failures_show(engine, synced, monkeypatch):
+    """After a sync the per-sync noise (a rotary embedding has no weights to load; INFO lines) is filtered on
+    vLLM's own loggers, while another layer's load failure and other warnings still pass."""
+    import logging
+
+    from vapo_pl.rollout.vllm_engine import _SYNC_LOGGERS
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    layerwise = logging.getLogger(_SYNC_LOGGERS[0])
+
+    def passes(level, msg, *args):
+        return layerwise.filter(logging.LogRecord(layerwise.name, level, __file__, 1, msg, args, None))
+
+    assert not passes(logging.WARNING, "%s: Failed to load weights", "RotaryEmbedding")
+    assert passes(logging.WARNING, "%s: Failed to load weights", "QKVParallelLinear")
+    assert passes(logging.ERROR, "something else")
+    assert not passes(logging.INFO, "Successfully reset prefix cache")
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
+    assert passes(logging.WARNING, "%s: Failed to load weights", "RotaryEmbedding")
+
+
 def test_update_weights_rejects_empty(engine):
     with pytest.raises(ValueError, match="weights"):
         engine.update_weights([])

@@ -46,6 +46,35 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+class _QuietWeightSync(logging.Filter):
+    """Drops the log lines vLLM writes at every in-place weight sync (several per RL step) that say nothing.
+
+    - ``RotaryEmbedding: Failed to load weights``: a rotary embedding has no checkpoint weights, only its
+      cos/sin cache, which vLLM puts back (the sync tests check generation after a sync); any other layer's
+      failure still shows;
+    - the INFO lines "Reloading weights inplace...", "Reloading and processing weights took ..." and
+      "Successfully reset prefix cache". Set ``VLLM_LOGGING_LEVEL=DEBUG`` to see everything.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "DEBUG":
+            return True
+        if record.levelno >= logging.WARNING:
+            return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+        return False
+
+
+_SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace",
+                 "vllm.v1.core.block_pool")
+
+
+def _quiet_weight_sync_logs() -> None:
+    for name in _SYNC_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietWeightSync) for f in logger.filters):
+            logger.addFilter(_QuietWeightSync())
+
+
 @contextlib.contextmanager
 def _preserved_global_rng() -> Iterator[None]:
     """Restore Python/NumPy/torch global RNG states after the block.
@@ -203,6 +232,7 @@ class VLLMEngine(RolloutEngine):
         loads as is (vLLM's loader skips ``lm_head`` when the config ties them).
         """
         tensors = [(name, t.detach()) for name, t in weights]
+        _quiet_weight_sync_logs()
         if not tensors:
             raise ValueError("weights: got no (name, tensor) pairs")
         if self._asleep and not self._weights_awake:
