@@ -55,7 +55,6 @@ from vapo_pl.demo.task import Problem, TaskSpec
 REPO = Path(__file__).resolve().parents[2]
 INFO_FILE = "build_info.json"
 BUCKET_BATCHES = 16  # batches drawn at once and grouped by length
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention
 
 
 # Head sizes vLLM 0.32's CPU attention backend accepts (CPUAttentionBackend.get_supported_head_sizes).
