@@ -257,7 +257,7 @@ class Stepper(pl.LightningModule):
         return torch.optim.SGD([self.weight], lr=0.1)
 
 
-def test_trainer_evaluates_at_start_every_n_and_at_end(tmp_path, tiny_model_dir, arithmetic_files):
+def test_trainer_evaluates_at_start_every_n_and_at_end(tmp_path, tiny_model_dir, arithmetic_files, capsys):
     """A real Trainer over the real DataModule: evaluations at steps 0 and 2 (before those steps' rollouts)
     and 3 (the end), written to TensorBoard at those steps and kept in ``history``."""
     dm = _datamodule(tiny_model_dir, arithmetic_files)
@@ -285,6 +285,10 @@ def test_trainer_evaluates_at_start_every_n_and_at_end(tmp_path, tiny_model_dir,
         assert sorted(logged) == [0, 2, 3]  # no stale repeat at step 1
         assert logged == pytest.approx({h["step"]: h[f"eval/arith_{name}"] for h in ev.history})
     assert float(trainer.callback_metrics["eval/arith_mean@2"]) == pytest.approx(ev.history[-1]["eval/arith_mean@2"])
+    # one progress line per evaluation, with that evaluation's numbers
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("held-out 'arith' at step")]
+    assert [ln.split(":")[0] for ln in lines] == [f"held-out 'arith' at step {s}" for s in (0, 2, 3)]
+    assert lines[-1].endswith(f"maj@2 {ev.history[-1]['eval/arith_maj@2']:.3f}")
 
 
 def test_summary_reports_first_and_last_evaluation():
