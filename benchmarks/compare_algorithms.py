@@ -7,6 +7,8 @@ a run collapsed) and ``<out>/compare.png`` (held-out accuracy against RL step), 
 
     python benchmarks/compare_algorithms.py                      # the full comparison (3 seeds; long)
     python benchmarks/compare_algorithms.py --runs vapo grpo --seeds 1 --steps 10
+    # after changing VAPO's settings in demo.yaml: train VAPO and its ablations again, keep the baselines
+    python benchmarks/compare_algorithms.py --reuse docs/results/compare_curves.json --retrain vapo wo_...
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
     pretrain_steps = len(read_curve(log_dir, "pretrain/value_loss"))
     return {"run": run, "seed": seed, "seconds": seconds, "tag": tag, "accuracy": read_curve(log_dir, tag),
             "length": read_curve(log_dir, "rollout/response_length_mean"),
-            "samples": int(per_round * (rounds + pretrain_steps))}
+            "samples": int(per_round * (rounds + pretrain_steps)), "max_steps": cfg["trainer"]["max_steps"],
+            "eval_every": ev["every_n_steps"]}
 
 
 def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
@@ -202,14 +205,34 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5, help="held-out evaluation every this many RL steps")
     ap.add_argument("--out", default=str(REPO / "docs" / "results"))
     ap.add_argument("--work", default=None, help="where configs, logs and TensorBoard runs go (default: a temp dir)")
+    ap.add_argument("--reuse", default=None, metavar="JSON",
+                    help="compare_curves.json or partial_results.json of an earlier comparison: its (run, seed) "
+                         "results are taken as they are instead of trained again, except for --retrain's runs")
+    ap.add_argument("--retrain", nargs="*", default=[], help="runs trained again even when --reuse holds them")
     args = ap.parse_args()
+    unknown = sorted(set(args.runs + args.retrain) - set(BASELINE_SEEDS_RUNS + ABLATIONS))
+    if unknown:
+        ap.error(f"unknown run(s) {', '.join(unknown)}; valid: {', '.join(BASELINE_SEEDS_RUNS + ABLATIONS)}")
+    reused = {}
+    if args.reuse:
+        reused = {(r["run"], r["seed"]): r for r in json.loads(Path(args.reuse).read_text())
+                  if r["run"] not in args.retrain}
 
     base = yaml.safe_load(Path(args.config).read_text())
     work = Path(args.work or tempfile.mkdtemp(prefix="vapo_compare_"))
     work.mkdir(parents=True, exist_ok=True)
+    steps = args.steps if args.steps is not None else base["trainer"]["max_steps"]
     results = []
     for run in args.runs:
         for seed in range(args.seeds if run in BASELINE_SEEDS_RUNS else args.ablation_seeds):
+            if (run, seed) in reused:
+                old = reused[(run, seed)]
+                if (old.get("max_steps"), old.get("eval_every")) != (steps, args.eval_every):
+                    sys.exit(f"--reuse {args.reuse}: {run} seed {seed} ran {old.get('max_steps')} steps evaluated "
+                             f"every {old.get('eval_every')}, this comparison {steps} every {args.eval_every}")
+                results.append(old)
+                print(f"{run:28s} seed {seed}: reused from {args.reuse}", flush=True)
+                continue
             r = run_one(base, run, seed, args.steps, work, args.eval_every)
             acc = r["accuracy"]
             print(f"{run:28s} seed {seed}: {acc[0][1] if acc else float('nan'):.3f} -> "

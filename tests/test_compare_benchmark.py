@@ -8,6 +8,7 @@ here; the full comparison itself is a benchmark (its output is committed under `
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 
 import pytest
@@ -127,3 +128,30 @@ def test_report_files(tmp_path):
     assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | 1000 |")
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_reuse_takes_earlier_results_except_retrained_runs(tmp_path, monkeypatch, capsys):
+    """``--reuse``: runs held by the earlier JSON are not trained again (``run_one`` is replaced by a recorder,
+    so nothing trains here), ``--retrain`` runs are, and a JSON from a different step budget is refused."""
+    steps = DEMO["trainer"]["max_steps"]
+    earlier = [dict(_result(r, 0, [0.3, 0.9]), max_steps=steps, eval_every=5) for r in ("vapo", "ppo")]
+    reuse = tmp_path / "earlier.json"
+    reuse.write_text(json.dumps(earlier))
+    trained = []
+
+    def fake_run_one(base, run, seed, steps, work, eval_every=None):
+        trained.append(run)
+        return dict(_result(run, seed, [0.3, 0.5]), max_steps=steps, eval_every=eval_every)
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    argv = ["compare", "--runs", "vapo", "ppo", "grpo", "--seeds", "1", "--out", str(tmp_path / "out"),
+            "--work", str(tmp_path / "work"), "--reuse", str(reuse), "--retrain", "vapo"]
+    monkeypatch.setattr("sys.argv", argv)
+    compare.main()
+    assert trained == ["vapo", "grpo"]  # ppo came from the earlier comparison
+    curves = json.loads((tmp_path / "out" / "compare_curves.json").read_text())
+    assert [(r["run"], r["accuracy"][-1][1]) for r in curves] == [("vapo", 0.5), ("ppo", 0.9), ("grpo", 0.5)]
+
+    monkeypatch.setattr("sys.argv", [*argv, "--steps", str(steps + 1)])
+    with pytest.raises(SystemExit, match=r"ppo seed 0 ran \d+ steps evaluated every 5, this comparison \d+ every 5"):
+        compare.main()
