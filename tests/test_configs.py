@@ -134,8 +134,8 @@ def data(**values) -> dict:
 MATH_VERIFY = {"name": "math_verify", "weight": 1.0, "kwargs": {}}
 OVERLONG = {"name": "overlong", "weight": 1.0, "kwargs": {"max_length": 20480, "cache_length": 4096}}
 DEFINING = {
-    "demo.yaml": {  # all seven VAPO techniques, on CPU with vLLM
-        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=0.05, eps_low=0.2, eps_high=0.28,
+    "demo.yaml": {  # all seven VAPO techniques, on CPU with vLLM; alpha scaled to 18-74-token responses
+        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=1.0, eps_low=0.2, eps_high=0.28,
                loss_agg_mode="token-mean", nll_coef=0.1),
         **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0),
         "trainer.accelerator": "cpu",
