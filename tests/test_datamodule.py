@@ -68,6 +68,30 @@ def test_dynamic_sampling_keeps_informative_groups_and_fills(prompts, tiny_model
     assert 1 <= b.stats["rollout/sampling_rounds"] <= 4
 
 
+def test_dynamic_sampling_step_stats_count_each_round_once(prompts, tiny_model_dir):
+    """Half of each round's groups are informative, so a step of 4 groups takes 2 rounds and the first round is
+    split into kept and filtered parts: the step's generated tokens and seconds are those of the 2 rounds, each
+    counted once."""
+    dm = _dm(prompts, tiny_model_dir, dynamic_sampling=True, max_sampling_rounds=3, samples_per_prompt=2,
+             reward=[RewardTerm(name="tests.trainer.task_rewards.half_informative")])
+    generated = []
+    generate = dm.generate
+
+    def recording(idx, sampling, records, prompt_ids):
+        batch = generate(idx, sampling, records=records, prompt_ids=prompt_ids)
+        generated.append(batch)
+        return batch
+
+    dm.generate = recording
+    b = dm.next_batch()
+    assert len(generated) == 2 and b.stats["rollout/sampling_rounds"] == 2.0
+    assert b.stats["rollout/dynamic_sampling_filled"] == 0.0 and len(b) == 8
+    assert b.stats["rollout/generated_tokens"] == sum(float(g.lengths.sum()) for g in generated)
+    assert b.stats["perf/generate_s"] == pytest.approx(sum(g.stats["perf/generate_s"] for g in generated))
+    assert b.stats["perf/generate_s"] <= b.stats["perf/rollout_s"]
+    assert b.stats["half/share"] == 0.5  # a share is averaged over the rounds, not summed
+
+
 def test_informative_groups_filter():
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
     groups = torch.tensor([0, 0, 1, 1, 2, 2])

@@ -331,6 +331,7 @@ class RolloutDataModule(pl.LightningDataModule):
         t0 = time.perf_counter()
         kept: list[RolloutBatch] = []
         spare: list[RolloutBatch] = []  # filtered-out groups, used to fill the batch if rounds run out
+        round_stats: list[dict[str, float]] = []  # one per generation round (kept and spare share a round's)
         n_kept = n_seen = rounds = 0
         while True:
             idx = self._take_prompts(need)
@@ -342,6 +343,7 @@ class RolloutDataModule(pl.LightningDataModule):
             batch = self.generate(idx, self.training_sampling(derive_seed(step_seed, rounds)),
                                   records=self.train_records, prompt_ids=self.train_prompt_ids)
             n_seen += need
+            round_stats.append(batch.stats)
             if not self.dynamic_sampling:
                 kept.append(batch)
                 n_kept = need
@@ -357,6 +359,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 break
         self.get_engine().sleep()  # GPU: hand the engine's memory to the trainer until the next weight sync
         out = _concat_groups(kept + spare, need, self._pad_id())
+        out.stats = _merge_stats(round_stats)
         out.stats["perf/generate_tokens_per_s"] = out.stats["rollout/generated_tokens"] / max(
             out.stats["perf/generate_s"], 1e-9)
         out.stats.update({
@@ -506,18 +509,18 @@ def _concat_groups(parts: list[RolloutBatch], n_groups: int, pad_id: int) -> Rol
         reward_terms={k: torch.cat([p.reward_terms[k] for p in rest]) for k in rest[0].reward_terms},
         baseline_scores=baseline,
         metadata=[m for p in rest for m in p.metadata],
-        stats=_merge_stats([p.stats for p in rest]),
     )
     if len(parts) == 1 and len(keep) == len(group_index):
-        merged.stats = dict(parts[0].stats)
         return merged
     return merged.select(keep)
 
 
-def _merge_stats(all_stats: list[dict[str, float]]) -> dict[str, float]:
+def _merge_stats(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """One step's stats from its generation rounds: seconds and generated tokens add up, every other value
+    (shares, fractions; the rounds are of equal size) is averaged over the rounds that report it."""
     out: dict[str, float] = {}
-    for s in all_stats:
-        for k, v in s.items():
-            summed = k.endswith("_s") or k == "rollout/generated_tokens"
-            out[k] = out.get(k, 0.0) + v if summed else v
+    for k in dict.fromkeys(k for s in rounds for k in s):
+        values = [s[k] for s in rounds if k in s]
+        summed = k.endswith("_s") or k == "rollout/generated_tokens"
+        out[k] = float(sum(values)) if summed else float(sum(values) / len(values))
     return out
