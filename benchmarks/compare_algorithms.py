@@ -157,9 +157,9 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
 def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_curves.json").write_text(json.dumps(results, indent=1))
-    lines = ["| run | seeds | base acc | final acc (mean ± sd) | steps to 0.8 (runs reaching) | collapsed "
-             "| samples generated | min/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| run | seeds | base acc | final acc (mean ± sd) | steps to 0.8 (runs reaching) | collapsed "
+              "| samples generated | min/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
                      f"{r['steps_to_0.8']} | {r['collapsed']} | {r['samples']:.0f} | {r['minutes']:.1f} |")
