@@ -117,7 +117,7 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
     log_file = work / f"{run}_seed{seed}.log"
     with log_file.open("w") as fh:
         proc = subprocess.run([sys.executable, "-m", "vapo_pl.cli", "fit", "--config", str(path)], cwd=REPO,
-                              stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+                              stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy(), check=False)
     seconds = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log_file}")
