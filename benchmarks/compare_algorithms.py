@@ -148,8 +148,8 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
             "run": run, "seeds": len(runs), "base": statistics.mean(r["accuracy"][0][1] for r in runs),
             "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
             "steps_to_0.8": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
-            "collapsed": f"{collapsed}/{len(runs)}",
-            "samples": statistics.mean(r.get("samples", 0) for r in runs), "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
+            "collapsed": f"{collapsed}/{len(runs)}", "samples": statistics.mean(r.get("samples", 0) for r in runs),
+            "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
         })
     return rows
 
@@ -215,8 +215,11 @@ def main() -> None:
         ap.error(f"unknown run(s) {', '.join(unknown)}; valid: {', '.join(BASELINE_SEEDS_RUNS + ABLATIONS)}")
     reused = {}
     if args.reuse:
-        reused = {(r["run"], r["seed"]): r for r in json.loads(Path(args.reuse).read_text())
-                  if r["run"] not in args.retrain}
+        try:
+            earlier = json.loads(Path(args.reuse).read_text())
+            reused = {(r["run"], r["seed"]): r for r in earlier if r["run"] not in args.retrain}
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            ap.error(f"--reuse {args.reuse}: not a comparison's results JSON ({type(err).__name__}: {err})")
 
     base = yaml.safe_load(Path(args.config).read_text())
     work = Path(args.work or tempfile.mkdtemp(prefix="vapo_compare_"))

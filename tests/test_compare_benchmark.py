@@ -155,3 +155,15 @@ def test_reuse_takes_earlier_results_except_retrained_runs(tmp_path, monkeypatch
     monkeypatch.setattr("sys.argv", [*argv, "--steps", str(steps + 1)])
     with pytest.raises(SystemExit, match=r"ppo seed 0 ran \d+ steps evaluated every 5, this comparison \d+ every 5"):
         compare.main()
+
+
+@pytest.mark.parametrize("content", [None, "not json", '[{"x": 1}]'])
+def test_reuse_of_a_bad_file_is_one_line(content, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "earlier.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setattr("sys.argv", ["compare", "--reuse", str(path), "--work", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith(f"compare: error: --reuse {path}: not a comparison's")
