@@ -137,7 +137,7 @@ def test_hf_engine_greedy_matches_vllm_on_same_weights(engine, synced):
 
 @pytest.mark.vllm
 def test_sync_logs_are_quiet_but_real_failures_show(engine, synced, monkeypatch):
-    """After a sync the per-sync noise (a rotary embedding has no weights to load; INFO lines) is filtered on
+    """Once an engine exists the per-sync noise (a rotary embedding has no weights to load; INFO lines) is filtered on
     vLLM's own loggers, while another layer's load failure and other warnings still pass."""
     import logging
 

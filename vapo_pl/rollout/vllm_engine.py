@@ -71,7 +71,7 @@ _SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.mode
 def _quiet_weight_sync_logs() -> None:
     for name in _SYNC_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _QuietWeightSync) for f in logger.filters):
+        if not any(isinstance(f, _QuietWeightSync) for f in logger.filters):  # a second engine adds none
             logger.addFilter(_QuietWeightSync())
 
 
@@ -191,6 +191,7 @@ class VLLMEngine(RolloutEngine):
             kwargs["distributed_executor_backend"] = "external_launcher"
         with _preserved_global_rng():
             self.llm = LLM(**kwargs)
+        _quiet_weight_sync_logs()  # once per process: the filters stay on vLLM's module loggers
         self.version = 0
         self._asleep = False
         self._weights_awake = False  # woken early by update_weights while the KV cache still sleeps
@@ -232,7 +233,6 @@ class VLLMEngine(RolloutEngine):
         loads as is (vLLM's loader skips ``lm_head`` when the config ties them).
         """
         tensors = [(name, t.detach()) for name, t in weights]
-        _quiet_weight_sync_logs()
         if not tensors:
             raise ValueError("weights: got no (name, tensor) pairs")
         if self._asleep and not self._weights_awake:
