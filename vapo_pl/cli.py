@@ -186,6 +186,10 @@ def validate_run_config(cfg) -> None:
             CompositeReward(terms)  # resolves each function and binds its kwargs; calls nothing
         except ValueError as e:
             raise ConfigError(f"data.reward: {e}") from None
+    for field, choices in (("critic_init", ("base", "reward_model")), ("critic_head_init", ("zero", "random"))):
+        value = _get(model, field, choices[0])
+        if value not in choices:
+            raise ConfigError(f"model.{field} must be " + " or ".join(map(repr, choices)) + f", got {value!r}")
     _check_paths(model, data)
     prompts = int(_get(data, "prompts_per_step", 8))
     samples = int(_get(data, "samples_per_prompt", 4))

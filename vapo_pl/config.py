@@ -42,6 +42,7 @@ class AlgorithmConfig:
     kl_loss_estimator: str = "k3"  # k1 | k2 | k3 for the loss term
     mask_truncated: bool = False  # DAPO: drop truncated samples from the policy loss
     ppo_epochs: int = 1  # passes over each rollout batch
+    critic_epochs: int | None = None  # passes of the critic (>= ppo_epochs; the extra ones train it alone); None = ppo_epochs
     minibatch_size: int = 64  # samples per optimizer step, over all ranks (the paper: 512)
     micro_batch_size: int = 8  # samples per forward/backward on one rank (gradient accumulation)
 
@@ -78,6 +79,10 @@ class AlgorithmConfig:
         for name in ("ppo_epochs", "minibatch_size", "micro_batch_size", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.critic_epochs is not None and self.critic_epochs < self.ppo_epochs:
+            raise ValueError(
+                f"algorithm.critic_epochs must be >= ppo_epochs ({self.ppo_epochs}) or null, got {self.critic_epochs}"
+            )
         if self.norm_length is not None and self.norm_length < 1:
             raise ValueError(f"algorithm.norm_length must be >= 1, got {self.norm_length}")
         if self.policy_loss == "aspo" and self.dual_clip_c is None:

@@ -24,10 +24,16 @@ class ValueModel(nn.Module):
         path: str,
         init: Literal["base", "reward_model"] = "base",
         torch_dtype: torch.dtype | None = None,
+        head_init: Literal["zero", "random"] = "random",
+        seed: int = 0,
     ) -> ValueModel:
-        """``init="base"``: a causal-LM (or bare) checkpoint's backbone with a zero-initialised head, so the
-        first values are 0. ``init="reward_model"``: a sequence-classification checkpoint (``num_labels=1``),
-        whose score head becomes the value head (the paper's vanilla PPO setting)."""
+        """``init="base"``: a causal-LM (or bare) checkpoint's backbone with a new head: ``nn.Linear``'s uniform
+        init (``head_init="random"``) or zeros (``"zero"``: the first values are 0, but the backbone gets no
+        gradient until the head has grown; on the demo task that critic learned 10x slower, see
+        docs/decisions.md). ``init="reward_model"``: a sequence-classification checkpoint (``num_labels=1``),
+        whose score head becomes the value head (the paper's vanilla PPO setting); ``head_init`` does not
+        apply. The random head is drawn from ``seed`` alone (a forked RNG), so it is the same on every rank
+        and in every run with that seed."""
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         if init == "reward_model":
@@ -43,11 +49,18 @@ class ValueModel(nn.Module):
             return cls(backbone, head)
         if init != "base":
             raise ValueError(f"critic init must be 'base' or 'reward_model', got {init!r}")
+        if head_init not in ("zero", "random"):
+            raise ValueError(f"critic head_init must be 'zero' or 'random', got {head_init!r}")
         backbone = AutoModel.from_pretrained(path, dtype=torch_dtype)
         head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
         with gathered_for_init(head):  # ZeRO-3 partitions parameters as they are created
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+            if head_init == "zero":
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    head.reset_parameters()
         return cls(backbone, head)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:

@@ -65,8 +65,11 @@ class VAPOModule(pl.LightningModule):
         model_path: Hugging Face directory of the initial policy (the actor).
         critic_path: checkpoint for the critic; default ``model_path`` (the paper initialises from the
             base model, or from a reward model with ``critic_init: reward_model``).
-        critic_init: ``base`` (backbone + zero head) or ``reward_model`` (a sequence-classification
+        critic_init: ``base`` (backbone + new head) or ``reward_model`` (a sequence-classification
             checkpoint whose score head becomes the value head).
+        critic_head_init: the new head of a ``base`` critic: ``random`` (``nn.Linear``'s uniform init, so the
+            backbone gets gradient from the first step) or ``zero`` (values start at 0; learned 10x slower on
+            the demo task, see ``benchmarks/critic_fit.py``).
         algorithm: every switch of VAPO and its siblings (see ``AlgorithmConfig``).
         optim: AdamW settings per model.
         gradient_checkpointing: recompute activations in backward (saves memory on long responses).
@@ -82,6 +85,7 @@ class VAPOModule(pl.LightningModule):
         model_path: str,
         critic_path: str | None = None,
         critic_init: str = "base",
+        critic_head_init: str = "random",
         algorithm: AlgorithmConfig | None = None,
         optim: OptimConfig | None = None,
         gradient_checkpointing: bool = False,
@@ -91,11 +95,14 @@ class VAPOModule(pl.LightningModule):
         super().__init__()
         if critic_init not in ("base", "reward_model"):
             raise ValueError(f"model.critic_init must be 'base' or 'reward_model', got {critic_init!r}")
+        if critic_head_init not in ("zero", "random"):
+            raise ValueError(f"model.critic_head_init must be 'zero' or 'random', got {critic_head_init!r}")
         if logprob_chunk_size < 1:
             raise ValueError(f"model.logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         self.model_path = model_path
         self.critic_path = critic_path
         self.critic_init = critic_init
+        self.critic_head_init = critic_head_init
         # plain dicts are accepted too, for Python users (the CLI builds the dataclasses itself)
         self.algorithm = AlgorithmConfig(**algorithm) if isinstance(algorithm, dict) else algorithm or AlgorithmConfig()
         self.optim = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
@@ -135,7 +142,8 @@ class VAPOModule(pl.LightningModule):
     def build_critic(self) -> nn.Module:
         """A module mapping (input_ids, attention_mask, position_ids) to (B, L) values."""
         path = require_model_dir(self.critic_path or self.model_path, "model.critic_path")
-        return ValueModel.from_pretrained(path, init=self.critic_init, torch_dtype=torch.float32)
+        return ValueModel.from_pretrained(path, init=self.critic_init, torch_dtype=torch.float32,
+                                          head_init=self.critic_head_init, seed=self.seed)
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """(B, T) rewards per response token: the sequence score on its last token (sparse reward)."""
@@ -314,7 +322,7 @@ class VAPOModule(pl.LightningModule):
                                  reduce=self._sum_across_ranks)
         return ADVANTAGE_ESTIMATORS.get(self.algorithm.estimator)(inputs, params)
 
-    def _minibatches(self, n: int) -> list[Tensor]:
+    def _minibatches(self, n: int, epoch: int = 0) -> list[Tensor]:
         cfg = self.algorithm
         world = self._world
         if cfg.minibatch_size % world:
@@ -325,7 +333,7 @@ class VAPOModule(pl.LightningModule):
                 f"algorithm.minibatch_size={cfg.minibatch_size} does not divide the rollout batch of {n * world} "
                 "samples (prompts_per_step x samples_per_prompt)"
             )
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step + epoch * 7_919_000_003)
         return list(torch.randperm(n, generator=g).split(local))
 
     def update(self, batch: RolloutBatch, prep: dict[str, Tensor], adv: AdvantageOutputs,
@@ -345,8 +353,13 @@ class VAPOModule(pl.LightningModule):
             policy_mask = policy_mask & ~batch.truncated.unsqueeze(1)
         positive_mask = policy_mask & batch.correct.unsqueeze(1)
         per_step: dict[str, list[Tensor]] = defaultdict(list)  # one entry per optimizer step
-        for _ in range(cfg.ppo_epochs):
-            for mb_idx in self._minibatches(len(batch)):
+        # ppo_epochs passes train both models; the critic's extra passes (critic_epochs) train it alone
+        n_epochs = cfg.ppo_epochs
+        if self.critic is not None:
+            n_epochs = cfg.critic_epochs or cfg.ppo_epochs
+        for epoch in range(n_epochs):
+            critic_only_epoch = critic_only or epoch >= cfg.ppo_epochs
+            for mb_idx in self._minibatches(len(batch), epoch):
                 mb_idx = mb_idx.to(device)
                 counts = torch.stack([policy_mask[mb_idx].sum(), batch.response_mask[mb_idx].sum(),
                                       positive_mask[mb_idx].sum()]).float()
@@ -355,7 +368,7 @@ class VAPOModule(pl.LightningModule):
                 averaged: dict[str, list[Tensor]] = defaultdict(list)
                 for idx in self._micro_batches(mb_idx):
                     loss = torch.zeros((), device=device)
-                    if not critic_only:
+                    if not critic_only_epoch:
                         actor_loss, terms, ratios = self.actor_loss(batch, prep, adv, idx, policy_mask, n_tok,
                                                                     n_pos, len(mb_idx) / world)
                         loss = loss + actor_loss
@@ -373,7 +386,7 @@ class VAPOModule(pl.LightningModule):
                     per_step[k].append(v)
                 for k, v in averaged.items():
                     per_step[k].append(torch.stack(v).mean())
-                for k, v in self._clip_and_step(opt, critic_only).items():
+                for k, v in self._clip_and_step(opt, critic_only_epoch).items():
                     per_step[k].append(v)
                 sched.step()
         out = {k: torch.stack([t.float() for t in v]).mean().item() for k, v in per_step.items()}

@@ -275,6 +275,7 @@ def scenario_fit(args, name: str) -> dict:
     no_clip = {"actor_grad_clip": None, "critic_grad_clip": None} if name.endswith("_noclip") else {}
     module = ProbedModule(
         model_path=args.model,
+        critic_head_init="zero",  # the checks below compare with the exactly-zero head of one process
         # kl_loss_coef > 0 adds the frozen reference model (sharded/partitioned like the others)
         algorithm=AlgorithmConfig(minibatch_size=8, micro_batch_size=2, kl_loss_coef=1e-3),
         optim=OptimConfig(actor_lr=1e-3, critic_lr=2e-3, **no_clip),

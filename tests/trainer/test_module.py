@@ -165,3 +165,37 @@ def test_gradient_checkpointing_gives_the_same_step(make_run):
         assert module.actor.is_gradient_checkpointing == flag
         results.append(rec.metrics[0]["actor/grad_norm"])
     assert results[0] == pytest.approx(results[1], rel=1e-4)
+
+
+def test_critic_epochs_train_the_critic_alone(make_run):
+    """``critic_epochs`` > ``ppo_epochs``: the extra passes move the critic and leave the actor exactly as one
+    joint pass leaves it."""
+    states = []
+    for critic_epochs in (None, 3):
+        module, dm, trainer = make_run(algorithm=dict(critic_epochs=critic_epochs), trainer=dict(max_steps=1))
+        trainer.fit(module, dm)
+        states.append(({k: v.clone() for k, v in module.actor.state_dict().items()},
+                       {k: v.clone() for k, v in module.critic.state_dict().items()},
+                       trainer.callback_metrics["critic/grad_norm"].item()))
+    (actor_1, critic_1, _), (actor_3, critic_3, _) = states
+    assert all(torch.equal(actor_1[k], actor_3[k]) for k in actor_1)
+    assert not torch.equal(critic_1["value_head.weight"], critic_3["value_head.weight"])
+
+
+def test_critic_head_init(tiny_model_dir):
+    """``zero``: values exactly 0; ``random``: the same head for the same module seed whatever the global RNG
+    state, a different one for another seed."""
+    from vapo_pl import VAPOModule
+
+    ids = torch.tensor([[3, 4, 5, 6]])
+    mask = torch.ones_like(ids)
+    zero = VAPOModule(model_path=str(tiny_model_dir), critic_head_init="zero").build_critic()
+    assert torch.count_nonzero(zero(ids, mask)) == 0
+    heads = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 1)):
+        torch.manual_seed(global_seed)
+        heads.append(VAPOModule(model_path=str(tiny_model_dir), seed=seed).build_critic().value_head.weight)
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+    assert heads[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="model.critic_head_init"):
+        VAPOModule(model_path=str(tiny_model_dir), critic_head_init="ones")
