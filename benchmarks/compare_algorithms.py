@@ -1,4 +1,4 @@
-"""VAPO against vanilla PPO, GRPO and DAPO, and VAPO's seven ablations, on the demo task at equal rollout budget.
+"""VAPO against vanilla PPO, GRPO and DAPO, and VAPO's seven ablations, on an embedded task at equal rollout budget.
 
 Every run is ``vapo-pl fit`` on a config derived from ``configs/demo.yaml`` (same base policy, same prompts per
 step x samples per prompt, same number of RL steps, same held-out evaluation); only the algorithm changes.
@@ -6,6 +6,7 @@ Writes ``<out>/compare.md`` (final held-out accuracy as mean and spread over see
 a run collapsed) and ``<out>/compare.png`` (held-out accuracy against RL step), plus the raw curves as JSON.
 
     python benchmarks/compare_algorithms.py                      # the full comparison (3 seeds; long)
+    python benchmarks/compare_algorithms.py --task long          # on the long task (configs/demo_long.yaml)
     python benchmarks/compare_algorithms.py --runs vapo grpo --seeds 1 --steps 10
     # after changing VAPO's settings in demo.yaml: train VAPO and its ablations again, keep the baselines
     python benchmarks/compare_algorithms.py --reuse docs/results/compare_curves.json --retrain vapo wo_...
@@ -27,6 +28,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TASKS = {  # task -> (config, output folder, accuracy threshold for "steps to")
+    "demo": ("configs/demo.yaml", "docs/results", 0.8),
+    "long": ("configs/demo_long.yaml", "docs/results/long", 0.5),
+}
 BASELINE_SEEDS_RUNS = ("vapo", "ppo", "grpo", "dapo")
 ABLATIONS = ("wo_value_pretraining", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
              "wo_token_level_loss", "wo_positive_example_lm_loss", "wo_group_sampling")
@@ -130,6 +135,8 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
     pretrain_steps = len(read_curve(log_dir, "pretrain/value_loss"))
     return {"run": run, "seed": seed, "seconds": seconds, "tag": tag, "accuracy": read_curve(log_dir, tag),
             "length": read_curve(log_dir, "rollout/response_length_mean"),
+            "explained_var": read_curve(log_dir, "critic/explained_var"),
+            "pretrain_explained_var": read_curve(log_dir, "pretrain/explained_var"),
             "samples": int(per_round * (rounds + pretrain_steps)), "max_steps": cfg["trainer"]["max_steps"],
             "eval_every": ev["every_n_steps"]}
 
@@ -144,10 +151,15 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
         collapsed = sum(1 for r in runs if r["accuracy"] and
                         max(a for _, a in r["accuracy"]) - r["accuracy"][-1][1] > 0.2)
         reached = [s for s in reach if s is not None]
+        evs = [v for r in runs for _, v in r.get("explained_var", []) if v == v]
+        pre = [r["pretrain_explained_var"][-1][1] for r in runs if r.get("pretrain_explained_var")]
         rows.append({
+            "threshold": threshold,
+            "critic_ev": statistics.mean(evs) if evs else None,
+            "pretrain_ev": statistics.mean(pre) if pre else None,
             "run": run, "seeds": len(runs), "base": statistics.mean(r["accuracy"][0][1] for r in runs),
             "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
-            "steps_to_0.8": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
+            "steps_to": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
             "collapsed": f"{collapsed}/{len(runs)}", "samples": statistics.mean(r.get("samples", 0) for r in runs),
             "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
         })
@@ -157,12 +169,18 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
 def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_curves.json").write_text(json.dumps(results, indent=1))
-    header = ("| run | seeds | base acc | final acc (mean ± sd) | steps to 0.8 (runs reaching) | collapsed "
-              "| samples generated | min/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    threshold = rows[0]["threshold"] if rows else 0.8
+    header = (f"| run | seeds | base acc | final acc (mean ± sd) | steps to {threshold} (runs reaching) | collapsed "
+              "| critic EV after pretraining | critic EV during RL | samples generated | min/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(x):
+        return "—" if x is None else f"{x:.2f}"
+
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
-                     f"{r['steps_to_0.8']} | {r['collapsed']} | {r['samples']:.0f} | {r['minutes']:.1f} |")
+                     f"{r['steps_to']} | {r['collapsed']} | {num(r.get('pretrain_ev'))} | {num(r.get('critic_ev'))} | "
+                     f"{r['samples']:.0f} | {r['minutes']:.1f} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -184,7 +202,7 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
                 lo = [min(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
                 hi = [max(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
                 ax.fill_between(steps, lo, hi, alpha=0.15)
-        ax.axhline(0.8, color="grey", lw=0.8, ls="--")
+        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("RL step")
         ax.set_ylabel("held-out accuracy (mean@k)")
         ax.set_ylim(0, 1)
@@ -197,13 +215,14 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    ap.add_argument("--task", choices=sorted(TASKS), default="demo", help="sets --config, --out and the threshold")
+    ap.add_argument("--config", default=None, help="base config (default: the task's)")
     ap.add_argument("--runs", nargs="*", default=list(BASELINE_SEEDS_RUNS + ABLATIONS))
     ap.add_argument("--seeds", type=int, default=3, help="seeds for VAPO and the baselines")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds for each ablation")
     ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
     ap.add_argument("--eval-every", type=int, default=5, help="held-out evaluation every this many RL steps")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results"))
+    ap.add_argument("--out", default=None, help="where the table, plot and curves go (default: the task's)")
     ap.add_argument("--work", default=None, help="where configs, logs and TensorBoard runs go (default: a temp dir)")
     ap.add_argument("--reuse", default=None, metavar="JSON",
                     help="compare_curves.json or partial_results.json of an earlier comparison: its (run, seed) "
@@ -221,7 +240,8 @@ def main() -> None:
         except (OSError, ValueError, TypeError, KeyError) as err:
             ap.error(f"--reuse {args.reuse}: not a comparison's results JSON ({type(err).__name__}: {err})")
 
-    base = yaml.safe_load(Path(args.config).read_text())
+    config, out, threshold = TASKS[args.task]
+    base = yaml.safe_load(Path(args.config or REPO / config).read_text())
     work = Path(args.work or tempfile.mkdtemp(prefix="vapo_compare_"))
     work.mkdir(parents=True, exist_ok=True)
     steps = args.steps if args.steps is not None else base["trainer"]["max_steps"]
@@ -242,7 +262,7 @@ def main() -> None:
                   f"{acc[-1][1] if acc else float('nan'):.3f} in {r['seconds'] / 60:.1f} min", flush=True)
             results.append(r)
             (work / "partial_results.json").write_text(json.dumps(results))
-    write_outputs(results, summarise(results), Path(args.out))
+    write_outputs(results, summarise(results, threshold), Path(args.out or REPO / out))
 
 
 if __name__ == "__main__":

@@ -114,18 +114,25 @@ def test_summary_statistics():
     assert a["run"] == "a" and a["seeds"] == 2
     assert a["base"] == pytest.approx(0.35)
     assert a["final_mean"] == pytest.approx(0.7) and a["final_std"] == pytest.approx(statistics.pstdev([0.9, 0.5]))
-    assert a["steps_to_0.8"] == "2 (2/2)"  # steps 2 and 1
+    assert a["steps_to"] == "2 (2/2)"  # steps 2 and 1
     assert a["collapsed"] == "1/2"
-    assert b["steps_to_0.8"] == "never" and b["collapsed"] == "0/1" and b["final_std"] == 0.0
+    assert b["steps_to"] == "never" and b["collapsed"] == "0/1" and b["final_std"] == 0.0
     assert b["samples"] == 3000 and b["minutes"] == pytest.approx(2.0)
+    assert a["critic_ev"] is None  # no critic curve recorded
+    # another threshold, and the critic's explained variance averaged over the runs' RL steps (NaN skipped)
+    results[0]["explained_var"] = [(1, 0.2), (2, float("nan")), (3, 0.6)]
+    results[0]["pretrain_explained_var"] = [(1, 0.1), (2, 0.5)]
+    a, b = compare.summarise(results, threshold=0.9)
+    assert a["steps_to"] == "3 (1/2)" and b["steps_to"] == "never"
+    assert a["critic_ev"] == pytest.approx(0.4) and a["pretrain_ev"] == pytest.approx(0.5)
 
 
 def test_report_files(tmp_path):
     results = [_result(r, s, [0.3, 0.6 + 0.1 * s, 0.85]) for r in ("vapo", "grpo") for s in range(2)]
     compare.write_outputs(results, compare.summarise(results), tmp_path)
     table = (tmp_path / "compare.md").read_text().splitlines()
-    assert table[0].startswith("| run | seeds |") and len(table) == 2 + 2
-    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | 1000 |")
+    assert table[0].startswith("| run | seeds |") and "steps to 0.8" in table[0] and len(table) == 2 + 2
+    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | — | — | 1000 |")
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -14,7 +14,7 @@ from vapo_pl.demo import prepare as prep
 def built(tmp_path, monkeypatch):
     targets = []
 
-    def ensure(cache, verbose=False):
+    def ensure(cache, spec=None, verbose=False):
         path = cache / f"base-{len(targets)}"
         path.mkdir(parents=True)
         targets.append(path)
@@ -36,7 +36,7 @@ def test_link_points_at_the_build_and_moves_to_a_new_one(tmp_path, built, capsys
 def test_cached_build_keeps_the_link(tmp_path, monkeypatch, capsys):
     (tmp_path / "base-x").mkdir()
     (tmp_path / "base").symlink_to("base-x")
-    monkeypatch.setattr(prep, "ensure_base_policy", lambda cache, verbose=False: cache / "base-x")
+    monkeypatch.setattr(prep, "ensure_base_policy", lambda cache, spec=None, verbose=False: cache / "base-x")
     assert prep.prepare(tmp_path).resolve() == (tmp_path / "base-x").resolve()
     assert "(cached" in capsys.readouterr().out
 
@@ -47,3 +47,22 @@ def test_a_real_directory_named_base_is_not_replaced(tmp_path, built):
     with pytest.raises(FileExistsError, match=r"base is not a symlink"):
         prep.prepare(tmp_path)
     assert (tmp_path / "base" / "mine.txt").read_text() == "keep"
+
+
+def test_long_task_gets_its_own_link_and_spec(tmp_path, monkeypatch):
+    from vapo_pl.demo.long import BASE
+
+    specs = []
+
+    def ensure(cache, spec=None, verbose=False):
+        specs.append(spec)
+        path = cache / f"base-{len(specs)}"
+        path.mkdir(parents=True)
+        return path
+
+    monkeypatch.setattr(prep, "ensure_base_policy", ensure)
+    assert prep.prepare(tmp_path, task="long") == tmp_path / "base-long"
+    assert prep.prepare(tmp_path).name == "base"  # the demo's link is separate
+    assert specs[0] == BASE and specs[0].task.max_steps == 15 and specs[1] != BASE
+    with pytest.raises(ValueError, match="task must be one of"):
+        prep.prepare(tmp_path, task="short")
