@@ -21,6 +21,8 @@ class ValuePretraining(pl.Callback):
         value_loss_threshold: stop once the value loss is at most this ...
         explained_variance_threshold: ... and the explained variance at least this (both, if both given).
         max_steps: cap when stopping on thresholds (default ``steps``).
+        window: the thresholds compare the mean of the last ``window`` steps' metrics (each step measures the
+            critic on a fresh batch before updating on it, so one step's explained variance is noisy).
         lr: critic learning rate during pretraining (default: the module's ``optim.critic_lr``).
         save_path: write the pretrained critic's weights here (rank 0).
         load_path: start from a critic saved earlier and skip pretraining.
@@ -32,6 +34,7 @@ class ValuePretraining(pl.Callback):
         value_loss_threshold: float | None = None,
         explained_variance_threshold: float | None = None,
         max_steps: int | None = None,
+        window: int = 1,
         lr: float | None = None,
         save_path: str | None = None,
         load_path: str | None = None,
@@ -40,6 +43,8 @@ class ValuePretraining(pl.Callback):
             raise ValueError(f"ValuePretraining.steps must be >= 0, got {steps}")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"ValuePretraining.max_steps must be >= 1, got {max_steps}")
+        if window < 1:
+            raise ValueError(f"ValuePretraining.window must be >= 1, got {window}")
         if lr is not None and not lr > 0:
             raise ValueError(f"ValuePretraining.lr must be > 0, got {lr}")
         if value_loss_threshold is not None and value_loss_threshold < 0:
@@ -48,6 +53,7 @@ class ValuePretraining(pl.Callback):
         self.value_loss_threshold = value_loss_threshold
         self.explained_variance_threshold = explained_variance_threshold
         self.max_steps = max_steps if max_steps is not None else steps
+        self.window = window
         self.lr = lr
         self.save_path = save_path
         self.load_path = load_path
@@ -59,7 +65,11 @@ class ValuePretraining(pl.Callback):
     def _uses_thresholds(self) -> bool:
         return self.value_loss_threshold is not None or self.explained_variance_threshold is not None
 
-    def _good_enough(self, metrics: dict[str, float]) -> bool:
+    def _good_enough(self) -> bool:
+        recent = self.history[-self.window :]
+        if len(recent) < self.window:
+            return False
+        metrics = {k: sum(m[k] for m in recent) / len(recent) for k in ("critic/value_loss", "critic/explained_var")}
         ok = True
         if self.value_loss_threshold is not None:
             ok &= metrics["critic/value_loss"] <= self.value_loss_threshold
@@ -104,7 +114,7 @@ class ValuePretraining(pl.Callback):
                 if trainer.is_global_zero:
                     log.info("value pretraining %d/%d: loss %.4f, explained variance %.3f", self.steps_done, limit,
                              metrics["critic/value_loss"], metrics["critic/explained_var"])
-                if self._uses_thresholds and self._good_enough(metrics):
+                if self._uses_thresholds and self._good_enough():
                     break
         finally:
             group["lr"] = saved_lr

@@ -205,6 +205,8 @@ CROSS_FIELD = [
     # An adaptive KL controller starting from beta = 0 stays at 0 (it is multiplicative).
     ({A + "kl_target": 0.1}, "model.algorithm.kl_target needs kl_reward_coef > 0"),
     ({A + "policy_loss": "aspo"}, "model.algorithm.dual_clip_c must be set for policy_loss 'aspo'"),
+    ({A + "eps_low": 1.5}, "model.algorithm.eps_low must be in [0, 1], got 1.5"),
+    ({A + "adv_eps": 0.0}, "model.algorithm.adv_eps must be a finite number > 0"),
     ({A + "ppo_epochs": 2, A + "critic_epochs": 1}, "model.algorithm.critic_epochs must be >= ppo_epochs (2)"),
     ({"model.init_args.critic_head_init": "ones"}, "model.critic_head_init must be 'zero' or 'random'"),
     ({D + "reward": [{"name": "math_verfy"}]}, "data.reward: unknown reward function 'math_verfy'"),

@@ -22,6 +22,7 @@ compare = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(compare)
 
 DEMO = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+LONG = yaml.safe_load((REPO / "configs" / "demo_long.yaml").read_text())
 ALL_RUNS = compare.BASELINE_SEEDS_RUNS + compare.ABLATIONS
 
 
@@ -43,11 +44,13 @@ def parser():
     return build_parser()
 
 
+@pytest.mark.parametrize("task", sorted(compare.TASKS))
 @pytest.mark.parametrize("run", ALL_RUNS)
-def test_every_run_parses_and_passes_the_fit_checks(run, parser, tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # the demo config names its data relative to the repository
+def test_every_run_parses_and_passes_the_fit_checks(run, task, parser, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the demo configs name their data relative to the repository
+    base = yaml.safe_load((REPO / compare.TASKS[task][0]).read_text())
     path = tmp_path / f"{run}.yaml"
-    path.write_text(yaml.safe_dump(compare.make_config(DEMO, run)))
+    path.write_text(yaml.safe_dump(compare.make_config(base, run)))
     cfg = parser.parse_args(["fit", "--config", str(path), f"--model.init_args.model_path={tiny_model_dir}"]).fit
     validate_run_config(cfg)
 

@@ -31,7 +31,8 @@ class AlgorithmConfig:
     eps_high: float = 0.28  # Clip-Higher: upper clip 1 + eps_high (= eps_low for vanilla PPO)
     dual_clip_c: float | None = None  # dual-clip bound c (> 1) for negative advantages; None = off
     loss_agg_mode: str = "token-mean"  # Token-level loss: token-mean; vanilla PPO: seq-mean-token-mean
-    norm_length: int | None = None  # seq-mean-token-sum-norm divisor (Dr.GRPO); default: max response length
+    norm_length: int | None = None  # seq-mean-token-sum-norm divisor (Dr.GRPO); default: data.max_response_length
+    adv_eps: float = 1e-6  # added to the std in GRPO's group normalisation and in advantage whitening
     nll_coef: float = 0.1  # mu: weight of the positive-example NLL (0 = off)
     value_clip: float | None = 0.5  # clip range of the value loss around the old values; None = unclipped
     kl_reward_coef: float = 0.0  # beta of the per-token KL penalty in the reward (loads a reference model)
@@ -60,11 +61,15 @@ class AlgorithmConfig:
         for name in ("kl_reward_estimator", "kl_loss_estimator"):
             if getattr(self, name) not in KL_ESTIMATORS:
                 raise ValueError(f"algorithm.{name}: unknown {getattr(self, name)!r}; valid: {', '.join(KL_ESTIMATORS)}")
+        if not (isinstance(self.adv_eps, (int, float)) and 0 < self.adv_eps < math.inf):
+            raise ValueError(f"algorithm.adv_eps must be a finite number > 0, got {self.adv_eps!r}")
         try:
             self.advantage_params()
             self.policy_loss_params()
         except ValueError as e:
             raise ValueError(f"algorithm.{e}") from None
+        if not self.eps_low <= 1:  # the lower clip bound 1 - eps_low is a ratio: >= 0 (CISPO's 1.0 = no lower bound)
+            raise ValueError(f"algorithm.eps_low must be in [0, 1], got {self.eps_low}")
         for name in ("nll_coef", "kl_reward_coef", "kl_loss_coef"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -100,7 +105,7 @@ class AlgorithmConfig:
         return AdvantageParams(
             gamma=self.gamma, lambda_policy=self.lambda_policy, lambda_critic=self.lambda_critic,
             length_adaptive_alpha=self.length_adaptive_alpha, norm_by_std=self.norm_by_std,
-            whiten_advantages=self.whiten_advantages,
+            whiten_advantages=self.whiten_advantages, eps=self.adv_eps,
         )
 
     def policy_loss_params(self) -> PolicyLossParams:

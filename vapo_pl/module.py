@@ -118,6 +118,7 @@ class VAPOModule(pl.LightningModule):
         self.rl_step = 0  # completed RL iterations
         self.policy_version = 0  # weight syncs sent to the engine; rollouts must carry this version
         self.temperature = 1.0  # set from the DataModule: training log-probs use the sampler's temperature
+        self.max_response_length: int | None = None  # set from the DataModule: Dr.GRPO's constant divisor
         if self.algorithm.kl_target is not None:
             self.kl_ctl = AdaptiveKLController(self.algorithm.kl_reward_coef, self.algorithm.kl_target,
                                                self.algorithm.kl_horizon)
@@ -207,6 +208,7 @@ class VAPOModule(pl.LightningModule):
         if dm is None or not hasattr(dm, "get_engine"):
             raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
         self.temperature = dm.temperature
+        self.max_response_length = dm.max_response_length
         dm.connect(self, actor=self.actor)
 
     def on_fit_end(self) -> None:
@@ -404,7 +406,8 @@ class VAPOModule(pl.LightningModule):
         logp, _ = self.policy_logprobs(self.actor, mb)
         pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, prep["old_logp"][idx], adv.advantages[idx], mask,
                                                cfg.policy_loss_params())
-        norm_length = cfg.norm_length or mask.shape[1]
+        # a constant divisor (Dr.GRPO): data.max_response_length, not this batch's padded width
+        norm_length = cfg.norm_length or self.max_response_length or mask.shape[1]
         loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok,
                          num_seqs=n_seqs)
         terms = {"actor/pg_loss": loss.detach()}

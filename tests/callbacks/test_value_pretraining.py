@@ -20,6 +20,11 @@ def test_threshold_mode_stops_when_good_enough_and_respects_the_cap(make_run):
     module, dm, trainer = make_run(trainer=dict(max_steps=1, callbacks=[vp]))
     trainer.fit(module, dm)
     assert vp.steps_done == 1 and vp.done
+    # the same threshold over a window of 3 steps: the mean needs 3 steps before it exists
+    vp = ValuePretraining(value_loss_threshold=1e9, window=3, max_steps=5)
+    module, dm, trainer = make_run(trainer=dict(max_steps=1, callbacks=[vp]))
+    trainer.fit(module, dm)
+    assert vp.steps_done == 3
 
 
 class HeadAtStart(pl.Callback):
@@ -56,5 +61,7 @@ def test_needs_a_critic(make_run):
 def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match="ValuePretraining.steps"):
         ValuePretraining(steps=-1)
+    with pytest.raises(ValueError, match="ValuePretraining.window"):
+        ValuePretraining(window=0)
     with pytest.raises(ValueError, match="ValuePretraining.lr"):
         ValuePretraining(lr=0.0)

@@ -199,3 +199,25 @@ def test_critic_head_init(tiny_model_dir):
     assert heads[0].abs().sum() > 0
     with pytest.raises(ValueError, match="model.critic_head_init"):
         VAPOModule(model_path=str(tiny_model_dir), critic_head_init="ones")
+
+
+def test_dr_grpo_divides_by_the_max_response_length_not_the_padded_width(make_run):
+    """``seq-mean-token-sum-norm`` with no ``norm_length``: the divisor is ``data.max_response_length`` (a
+    constant), so the loss of a batch equals the one with that length given explicitly, whatever width the
+    batch was padded to."""
+    losses = []
+    for norm_length in (None, 12, 5):
+        module, dm, trainer = make_run(algorithm=dict(estimator="dr_grpo", loss_agg_mode="seq-mean-token-sum-norm"),
+                                       data=dict(max_response_length=12), trainer=dict(max_steps=1))
+        if norm_length is not None:
+            module.algorithm.norm_length = norm_length
+        trainer.fit(module, dm)
+        assert module.max_response_length == 12
+        losses.append(trainer.callback_metrics["actor/pg_loss"].item())
+    assert losses[0] == losses[1] != losses[2]
+
+
+def test_adv_eps_reaches_the_group_normalisation():
+    from vapo_pl.config import AlgorithmConfig
+
+    assert AlgorithmConfig(estimator="grpo", adv_eps=1e-3).advantage_params().eps == 1e-3
