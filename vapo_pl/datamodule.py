@@ -43,6 +43,7 @@ class EngineConfig:
     enforce_eager: bool | None = None  # skip torch.compile/CUDA graphs; None: eager on CPU (saves ~40 s of start-up)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool | None = None  # None: off on CPU (vLLM 0.32 CPU bug with seeded requests), on on GPU
+    weight_sync_bucket_mb: float = 256.0  # weight sync streams the actor to the engine in buckets of at most this size
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -51,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"engine.kv_cache_space_gb must be > 0, got {self.kv_cache_space_gb}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.weight_sync_bucket_mb > 0:
+            raise ValueError(f"engine.weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
 
 
 class _RolloutStream(IterableDataset):
@@ -256,6 +259,7 @@ class RolloutDataModule(pl.LightningDataModule):
         if self.engine is None:
             cfg = asdict(self.engine_config)
             kind = cfg.pop("kind")
+            cfg.pop("weight_sync_bucket_mb")  # used by the sync, not by the engine
             rank = self.rank
             seed = derive_seed(self.seed, rank) % 2**31  # vLLM seeds numpy, which takes 32 bits
             if kind == "hf":

@@ -479,9 +479,15 @@ class VAPOModule(pl.LightningModule):
         return full_state_items(self.actor, self.trainer.strategy)
 
     def sync_weights(self, bump: bool = True) -> None:
+        """Stream the actor to the engine: gathered (FSDP2/ZeRO-3) and cast to the engine's dtype one bucket at a
+        time (``data.engine.weight_sync_bucket_mb``), never the whole model at once."""
+        from vapo_pl.parallel import stream_state_items
+
         engine = self.engine
         engine.wake_up()
-        engine.update_weights(self.actor_state_items())
+        bucket_mb = self.rollout_data.engine_config.weight_sync_bucket_mb
+        engine.update_weights(stream_state_items(self.actor, self.trainer.strategy, dtype=engine.weight_dtype,
+                                                 bucket_bytes=int(bucket_mb * 2**20)))
         if bump:
             self.policy_version += 1
         engine.version = self.policy_version

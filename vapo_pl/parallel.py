@@ -57,6 +57,77 @@ def full_state_items(model: nn.Module, strategy) -> Iterator[tuple[str, Tensor]]
         return iter(model.state_dict().items())
 
 
+def _buckets(items: list[tuple[str, Tensor]], bucket_bytes: int | None, size_of) -> Iterator[list[tuple[str, Tensor]]]:
+    """Consecutive groups of ``items`` of at most ``bucket_bytes`` each (a larger tensor alone); one group if None."""
+    if bucket_bytes is None:
+        yield items
+        return
+    bucket, total = [], 0
+    for item in items:
+        n = size_of(item[1])
+        if bucket and total + n > bucket_bytes:
+            yield bucket
+            bucket, total = [], 0
+        bucket.append(item)
+        total += n
+    if bucket:
+        yield bucket
+
+
+def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None = None,
+                       bucket_bytes: int | None = None) -> Iterator[tuple[str, Tensor]]:
+    """Full (unsharded) weights with Hugging Face names, produced lazily one bucket at a time, cast to ``dtype``.
+
+    Unlike ``full_state_items`` nothing is materialised for the whole model: FSDP2 shards are gathered tensor by
+    tensor (``DTensor.full_tensor``), ZeRO-3 partitions bucket by bucket (``GatheredParameters`` over at most
+    ``bucket_bytes`` of full-size parameters), and the cast to the engine's dtype happens per tensor, so the extra
+    memory a weight sync holds at once is about one bucket (plus what the consumer keeps). Unsharded weights in
+    the engine's dtype are yielded as views (no copy). Every rank must consume the whole iterator in the same
+    order: the gathers are collectives.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    def cast(t: Tensor) -> Tensor:
+        t = t.detach()
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        params = dict(model.named_parameters())
+        state_names = list(model.state_dict().keys())
+        entries = [(name, params.get(name)) for name in state_names]
+
+        def full_bytes(p):
+            if p is None:
+                return 0
+            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            return numel * p.element_size()
+
+        for bucket in _buckets(entries, bucket_bytes, full_bytes):
+            group = [p for _, p in bucket if p is not None]
+            with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
+                buffers = None
+                for name, p in bucket:
+                    if p is None:  # a buffer (not partitioned by ZeRO-3)
+                        if buffers is None:
+                            buffers = dict(model.named_buffers())
+                        yield name, cast(buffers[name])
+                    else:
+                        yield name, cast(p).clone() if dtype is None or p.dtype == dtype else cast(p)
+        return
+    with torch.no_grad():
+        state = model.state_dict()
+        if isinstance(strategy, ModelParallelStrategy):
+            from torch.distributed.tensor import DTensor
+
+            for name, t in state.items():
+                yield name, cast(t.full_tensor() if isinstance(t, DTensor) else t)
+            return
+        for name, t in state.items():
+            yield name, cast(t)
+
+
 def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy) -> None:
     """Load full (unsharded) weights into ``model``, sharded or not."""
     from lightning.pytorch.strategies import ModelParallelStrategy

@@ -32,11 +32,14 @@ def engine(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def synced(tiny_model_dir, engine):
-    """(perturbed transformers model, greedy engine outputs before the sync); the engine holds the new weights."""
+    """(perturbed transformers model, greedy engine outputs before the sync); the engine holds the new weights,
+    sent the way the trainer sends them: streamed in small buckets (``stream_state_items``)."""
+    from vapo_pl.parallel import stream_state_items
+
     model = load_hf(tiny_model_dir)
     perturb_(model, scale=0.5, seed=0)
     before = [c[0].token_ids for c in engine.generate(PROMPTS, GREEDY)]
-    engine.update_weights(model.state_dict().items())
+    engine.update_weights(stream_state_items(model, None, dtype=engine.weight_dtype, bucket_bytes=4096))
     return model, before
 
 
@@ -241,3 +244,31 @@ def test_one_engine_per_rank_under_torchrun(tiny_model_dir, tmp_path):
     assert [r["sum"] for r in ranks] == [3.0, 3.0]  # 1 + 2 on both ranks
     assert ranks[0]["tokens"] != ranks[1]["tokens"]
 
+
+
+@pytest.mark.vllm
+def test_streamed_sync_holds_about_one_layer_not_the_model(engine, tiny_model_dir):
+    """Peak extra memory of a sync that casts to bfloat16 (as for a bf16 engine), measured by
+    ``benchmarks/weight_sync_memory.PeakTracker``: materialised, every cast copy is alive at once (the whole
+    model); streamed in buckets of 1/20 of the model, the peak is what vLLM's layer-wise reload holds until a fused
+    layer is complete (gate+up of one MLP here), not the model."""
+    import importlib.util
+
+    import torch
+
+    from tests.conftest import REPO
+    from vapo_pl.parallel import stream_state_items
+
+    spec = importlib.util.spec_from_file_location("weight_sync_memory", REPO / "benchmarks" / "weight_sync_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = load_hf(tiny_model_dir)
+    size = bench.model_bytes(model, torch.bfloat16)
+    layer = bench.largest_fused_layer(model, torch.bfloat16)
+    materialised = bench.PeakTracker(model)
+    engine.update_weights(list(materialised.wrap((k, v.to(torch.bfloat16)) for k, v in model.state_dict().items())))
+    streamed = bench.PeakTracker(model)
+    engine.update_weights(streamed.wrap(stream_state_items(model, None, dtype=torch.bfloat16, bucket_bytes=size // 20)))
+    assert materialised.peak == size
+    assert streamed.count == materialised.count  # every tensor was cast and sent
+    assert streamed.peak <= layer + size // 20 and streamed.peak < 0.5 * size

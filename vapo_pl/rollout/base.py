@@ -56,6 +56,7 @@ class RolloutEngine(ABC):
     """
 
     version: int = 0
+    weight_dtype = None  # torch dtype the engine holds its weights in (the sync casts to it); None = as given
 
     @abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Completion]]:

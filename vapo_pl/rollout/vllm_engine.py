@@ -192,6 +192,7 @@ class VLLMEngine(RolloutEngine):
         with _preserved_global_rng():
             self.llm = LLM(**kwargs)
         _quiet_weight_sync_logs()  # once per process: the filters stay on vLLM's module loggers
+        self.weight_dtype = self.llm.llm_engine.model_config.dtype  # what "auto" resolved to
         self.version = 0
         self._asleep = False
         self._weights_awake = False  # woken early by update_weights while the KV cache still sleeps
@@ -231,15 +232,24 @@ class VLLMEngine(RolloutEngine):
         The weights are always passed: ``reload_weights`` without them reloads the checkpoint from disk.
         Tied embeddings: a state dict holding both ``model.embed_tokens.weight`` and ``lm_head.weight``
         loads as is (vLLM's loader skips ``lm_head`` when the config ties them).
+        ``weights`` is consumed lazily, one pair at a time (vLLM's layer-wise reload keeps a layer's tensors
+        only until that layer is complete), so a streamed source never has the whole model in memory at once.
         """
-        tensors = [(name, t.detach()) for name, t in weights]
-        if not tensors:
+        it = iter(weights)
+        first = next(it, None)
+        if first is None:
             raise ValueError("weights: got no (name, tensor) pairs")
+
+        def tensors():
+            yield first[0], first[1].detach()
+            for name, t in it:
+                yield name, t.detach()
+
         if self._asleep and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays released until wake_up()
             self._weights_awake = True
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_iterator": tensors(), "is_checkpoint_format": True}
         )
         if not self._asleep:  # sleeping already cleared the prefix cache
             self.llm.reset_prefix_cache()
