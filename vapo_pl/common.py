@@ -1,8 +1,11 @@
-"""Small helpers shared across the package: model-directory checks and seed derivation."""
+"""Small helpers shared across the package: model-directory checks, seed derivation, rank reductions and a
+float32 linear layer for mixed precision."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 
 def require_model_dir(path: str | Path | None, field: str = "model_path") -> Path:
@@ -74,3 +77,22 @@ def max_across_ranks(x: int) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
     return x
+
+
+def fp32_forward(linear: torch.nn.Linear) -> torch.nn.Linear:
+    """Make ``linear`` compute in float32 (input upcast, float32 weights) even inside a bf16 autocast region.
+
+    Its ``forward`` is replaced on the instance, so parameter names, state dicts, ZeRO-3's gather hooks and FSDP2
+    sharding are unchanged (they act on ``__call__`` and the parameters). Idempotent.
+    """
+    if getattr(linear, "_vapo_fp32", False):
+        return linear
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            bias = None if linear.bias is None else linear.bias.float()
+            return torch.nn.functional.linear(x.float(), linear.weight.float(), bias)
+
+    linear.forward = forward
+    linear._vapo_fp32 = True
+    return linear

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vapo_pl.common import fp32_forward
 from vapo_pl.parallel import gathered_for_init
 
 
@@ -16,7 +17,7 @@ class ValueModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
         super().__init__()
         self.backbone = backbone
-        self.value_head = head
+        self.value_head = fp32_forward(head)  # values in float32 under bf16 autocast too
 
     @classmethod
     def from_pretrained(

@@ -37,7 +37,7 @@ from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
 from vapo_pl.algorithms.utils import masked_mean
 from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import RolloutBatch
-from vapo_pl.common import require_model_dir, sum_across_ranks, world
+from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel
 from vapo_pl.prompts import PromptRecord, render_prompt
@@ -51,6 +51,19 @@ def peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def keep_output_head_in_fp32(model: nn.Module) -> None:
+    """Compute ``model``'s output projection (the logits) in float32 even under bf16 autocast.
+
+    With ``trainer.precision: bf16-mixed`` every matmul runs in bf16, and bf16 logits (3 significant digits) move
+    log-probs by up to ~0.1 nat for logits around 10-30, which the PPO ratio ``exp(logp - old_logp)`` turns into
+    10% noise. With the head in float32, log-probs (and so ratios, KL and entropy) come from float32 logits; the
+    rest of the network stays in bf16.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        fp32_forward(head)
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
@@ -165,10 +178,12 @@ class VAPOModule(pl.LightningModule):
         if self.actor is not None:
             return
         self.actor = self.build_actor().train()
+        keep_output_head_in_fp32(self.actor)
         if self.uses_critic:
             self.critic = self.build_critic()
         if self.algorithm.uses_reference:
             self.ref_model = self.build_actor().eval().requires_grad_(False)
+            keep_output_head_in_fp32(self.ref_model)
         if self.gradient_checkpointing:
             self.actor.gradient_checkpointing_enable()
             if self.critic is not None:

@@ -221,3 +221,31 @@ def test_adv_eps_reaches_the_group_normalisation():
     from vapo_pl.config import AlgorithmConfig
 
     assert AlgorithmConfig(estimator="grpo", adv_eps=1e-3).advantage_params().eps == 1e-3
+
+
+def test_bf16_mixed_step_keeps_logits_and_values_in_float32(make_run):
+    """``trainer.precision: bf16-mixed`` on CPU: the step runs under bf16 autocast with float32 master weights,
+    while the actor's logits and the critic's values (which feed the ratio and the advantages) are float32."""
+    import lightning.pytorch as pl
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.dtypes = {}
+
+            def record(key):
+                def hook(module, inputs, output):  # returns None: the output is left alone
+                    self.dtypes.setdefault(key, set()).add((torch.is_autocast_enabled("cpu"), output.dtype))
+                return hook
+
+            pl_module.actor.get_output_embeddings().register_forward_hook(record("logits"))
+            pl_module.critic.value_head.register_forward_hook(record("values"))
+
+    probe, rec = Probe(), Recorder()
+    module, dm, trainer = make_run(trainer=dict(max_steps=1, precision="bf16-mixed", callbacks=[probe, rec]))
+    trainer.fit(module, dm)
+    # the training passes run under bf16 autocast; every head output is float32 all the same
+    for key in ("logits", "values"):
+        assert (True, torch.float32) in probe.dtypes[key], probe.dtypes
+        assert {out for _, out in probe.dtypes[key]} == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in module.actor.parameters())
+    assert math.isfinite(rec.metrics[0]["actor/pg_loss"]) and math.isfinite(rec.metrics[0]["critic/value_loss"])
