@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -151,7 +152,7 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
         collapsed = sum(1 for r in runs if r["accuracy"] and
                         max(a for _, a in r["accuracy"]) - r["accuracy"][-1][1] > 0.2)
         reached = [s for s in reach if s is not None]
-        evs = [v for r in runs for _, v in r.get("explained_var", []) if v == v]
+        evs = [v for r in runs for _, v in r.get("explained_var", []) if not math.isnan(v)]
         pre = [r["pretrain_explained_var"][-1][1] for r in runs if r.get("pretrain_explained_var")]
         rows.append({
             "threshold": threshold,

@@ -66,3 +66,36 @@ class RolloutBatch:
             elif f.name == "metadata" and v:
                 out[f.name] = [v[i] for i in index.tolist()]
         return replace(self, **out)
+
+
+@dataclass
+class PreparedBatch:
+    """What ``VAPOModule.prepare`` computes before the update, without gradient; ``None`` where not computed."""
+
+    old_logp: Tensor | None = None  # (B, T) log-probs of the response under the policy that sampled it
+    entropy: Tensor | None = None  # (B, T) token entropy of that policy
+    ref_logp: Tensor | None = None  # (B, T) log-probs under the reference model (when a KL term is on)
+    old_values: Tensor | None = None  # (B, T) critic values V(s_t) before the update (when there is a critic)
+
+
+class StepOutput(dict):
+    """What ``VAPOModule.training_step`` returns and callbacks read (``outputs`` in ``on_train_batch_end``).
+
+    A ``dict`` (Lightning requires a mapping from ``training_step``) with typed attribute access:
+    ``outputs.rollout``, ``outputs.entropy`` ((B, T) or ``None``), ``outputs.metrics``.
+    """
+
+    def __init__(self, rollout: RolloutBatch, entropy: Tensor | None, metrics: dict[str, float]) -> None:
+        super().__init__(rollout=rollout, entropy=entropy, metrics=metrics)
+
+    @property
+    def rollout(self) -> RolloutBatch:
+        return self["rollout"]
+
+    @property
+    def entropy(self) -> Tensor | None:
+        return self["entropy"]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self["metrics"]

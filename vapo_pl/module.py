@@ -36,7 +36,7 @@ from vapo_pl.algorithms.nll import positive_example_nll
 from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
 from vapo_pl.algorithms.utils import masked_mean
 from vapo_pl.algorithms.value import explained_variance, value_loss
-from vapo_pl.batch import RolloutBatch
+from vapo_pl.batch import PreparedBatch, RolloutBatch, StepOutput
 from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel
@@ -266,7 +266,7 @@ class VAPOModule(pl.LightningModule):
         return list(index.split(self.algorithm.micro_batch_size))
 
     @torch.no_grad()
-    def prepare(self, batch: RolloutBatch, critic_only: bool = False) -> dict[str, Tensor]:
+    def prepare(self, batch: RolloutBatch, critic_only: bool = False) -> PreparedBatch:
         """Old log-probs, entropies, values and reference log-probs, in micro-batches, without grad."""
         parts: dict[str, list[Tensor]] = defaultdict(list)
         for idx in self._micro_batches(torch.arange(len(batch), device=batch.scores.device)):
@@ -279,10 +279,10 @@ class VAPOModule(pl.LightningModule):
                     parts["ref_logp"].append(self.policy_logprobs(self.ref_model, mb)[0])
             if self.critic is not None:
                 parts["old_values"].append(self.critic_values(mb))
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return PreparedBatch(**{k: torch.cat(v) for k, v in parts.items()})
 
     # ------------------------------------------------------------------ the RL step
-    def training_step(self, dataloader_iter) -> dict[str, Any]:
+    def training_step(self, dataloader_iter) -> StepOutput:
         t0 = time.perf_counter()
         batch, _, _ = next(dataloader_iter)
         timings = {"perf/rollout_s": time.perf_counter() - t0}
@@ -291,7 +291,7 @@ class VAPOModule(pl.LightningModule):
         self._pin_global_step()
         return out
 
-    def rl_step_on(self, batch: RolloutBatch, timings: dict[str, float]) -> dict[str, Any]:
+    def rl_step_on(self, batch: RolloutBatch, timings: dict[str, float]) -> StepOutput:
         """rollout -> rewards -> values -> advantages -> PPO epochs -> sync -> log."""
         self.check_on_policy(batch)
         batch = batch.to(self.device)
@@ -302,15 +302,15 @@ class VAPOModule(pl.LightningModule):
         rewards = self.token_rewards(batch)
         metrics: dict[str, float] = {}
         if self.ref_model is not None:
-            kl = kl_estimate(prep["old_logp"], prep["ref_logp"], self.algorithm.kl_reward_estimator)
+            kl = kl_estimate(prep.old_logp, prep.ref_logp, self.algorithm.kl_reward_estimator)
             kl_mean = masked_mean(kl, mask, reduce=self._sum_across_ranks)
             metrics["actor/kl_ref"] = float(kl_mean)
             if self.algorithm.kl_reward_coef > 0:
-                rewards = kl_penalty_rewards(rewards, prep["old_logp"], prep["ref_logp"], mask,
+                rewards = kl_penalty_rewards(rewards, prep.old_logp, prep.ref_logp, mask,
                                              self.kl_ctl.value, self.algorithm.kl_reward_estimator)
                 metrics["actor/kl_coef"] = self.kl_ctl.value
                 self.kl_ctl.update(float(kl_mean), n_steps=len(batch) * self._world)
-        adv = self.compute_advantages(batch, rewards, prep.get("old_values"))
+        adv = self.compute_advantages(batch, rewards, prep.old_values)
         t = time.perf_counter()
         metrics.update(self.update(batch, prep, adv))
         timings["perf/update_s"] = time.perf_counter() - t
@@ -320,7 +320,7 @@ class VAPOModule(pl.LightningModule):
         metrics.update(self.rollout_metrics(batch, prep, adv))
         metrics.update(timings)
         self.log_metrics(metrics, batch)
-        return {"rollout": batch, "entropy": prep.get("entropy"), "metrics": metrics}
+        return StepOutput(rollout=batch, entropy=prep.entropy, metrics=metrics)
 
     def check_on_policy(self, batch: RolloutBatch) -> None:
         if batch.weight_version != self.policy_version:
@@ -353,7 +353,7 @@ class VAPOModule(pl.LightningModule):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step + epoch * 7_919_000_003)
         return list(torch.randperm(n, generator=g).split(local))
 
-    def update(self, batch: RolloutBatch, prep: dict[str, Tensor], adv: AdvantageOutputs,
+    def update(self, batch: RolloutBatch, prep: PreparedBatch, adv: AdvantageOutputs,
                critic_only: bool = False) -> dict[str, float]:
         """K epochs over minibatches; one optimizer step per minibatch, micro-batches accumulate.
 
@@ -419,7 +419,7 @@ class VAPOModule(pl.LightningModule):
         mb = batch.select(idx)
         mask = policy_mask[idx]
         logp, _ = self.policy_logprobs(self.actor, mb)
-        pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, prep["old_logp"][idx], adv.advantages[idx], mask,
+        pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, prep.old_logp[idx], adv.advantages[idx], mask,
                                                cfg.policy_loss_params())
         # a constant divisor (Dr.GRPO): data.max_response_length, not this batch's padded width
         norm_length = cfg.norm_length or self.max_response_length or mask.shape[1]
@@ -431,7 +431,7 @@ class VAPOModule(pl.LightningModule):
             loss = loss + cfg.nll_coef * nll
             terms["actor/nll_loss"] = nll.detach()
         if cfg.kl_loss_coef > 0:
-            kl = aggregate(kl_estimate(logp, prep["ref_logp"][idx], cfg.kl_loss_estimator), mask,
+            kl = aggregate(kl_estimate(logp, prep.ref_logp[idx], cfg.kl_loss_estimator), mask,
                            cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok, num_seqs=n_seqs)
             loss = loss + cfg.kl_loss_coef * kl
             terms["actor/kl_loss"] = kl.detach()
@@ -442,7 +442,7 @@ class VAPOModule(pl.LightningModule):
         minibatch)."""
         mb = batch.select(idx)
         values = self.critic_values(mb)
-        vl, vstats = value_loss(values, prep["old_values"][idx], adv.returns[idx], mb.response_mask,
+        vl, vstats = value_loss(values, prep.old_values[idx], adv.returns[idx], mb.response_mask,
                                 self.algorithm.value_clip)
         return aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_tok), vstats
 
@@ -467,9 +467,9 @@ class VAPOModule(pl.LightningModule):
         self.check_on_policy(batch)
         batch = batch.to(self.device)
         prep = self.prepare(batch, critic_only=True)
-        adv = self.compute_advantages(batch, self.token_rewards(batch), prep["old_values"], monte_carlo_critic=True)
+        adv = self.compute_advantages(batch, self.token_rewards(batch), prep.old_values, monte_carlo_critic=True)
         metrics = self.update(batch, prep, adv, critic_only=True)
-        metrics["critic/explained_var"] = float(explained_variance(prep["old_values"], adv.returns,
+        metrics["critic/explained_var"] = float(explained_variance(prep.old_values, adv.returns,
                                                                    batch.response_mask))
         metrics["rollout/reward_mean"] = float(batch.scores.mean())
         self._pin_global_step()
@@ -513,7 +513,7 @@ class VAPOModule(pl.LightningModule):
         progress.total.ready = progress.total.completed = self.rl_step
 
     # ------------------------------------------------------------------ metrics
-    def rollout_metrics(self, batch: RolloutBatch, prep: dict[str, Tensor], adv: AdvantageOutputs
+    def rollout_metrics(self, batch: RolloutBatch, prep: PreparedBatch, adv: AdvantageOutputs
                         ) -> dict[str, float]:
         mask = batch.response_mask
         lengths = batch.lengths.float()
@@ -532,11 +532,11 @@ class VAPOModule(pl.LightningModule):
             "actor/advantages_min": float(adv.advantages[mask].min()) if mask.any() else 0.0,
             "critic/returns_mean": float(masked_mean(adv.returns, mask)),
         }
-        if "entropy" in prep:
-            m["actor/entropy"] = float(masked_mean(prep["entropy"], mask))
-        if "old_values" in prep:
-            m["critic/values_mean"] = float(masked_mean(prep["old_values"], mask))
-            m["critic/explained_var"] = float(explained_variance(prep["old_values"], adv.returns, mask))
+        if prep.entropy is not None:
+            m["actor/entropy"] = float(masked_mean(prep.entropy, mask))
+        if prep.old_values is not None:
+            m["critic/values_mean"] = float(masked_mean(prep.old_values, mask))
+            m["critic/explained_var"] = float(explained_variance(prep.old_values, adv.returns, mask))
         if adv.lambda_policy is not None:
             lam = adv.lambda_policy.float()
             m.update({"actor/lambda_policy_mean": float(lam.mean()), "actor/lambda_policy_min": float(lam.min()),
