@@ -88,6 +88,9 @@ class StepOutput(dict):
     def __init__(self, rollout: RolloutBatch, entropy: Tensor | None, metrics: dict[str, float]) -> None:
         super().__init__(rollout=rollout, entropy=entropy, metrics=metrics)
 
+    def copy(self) -> StepOutput:  # Lightning copies the step's output before handing it to callbacks
+        return StepOutput(self["rollout"], self["entropy"], self["metrics"])
+
     @property
     def rollout(self) -> RolloutBatch:
         return self["rollout"]

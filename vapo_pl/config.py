@@ -42,6 +42,8 @@ class AlgorithmConfig:
     kl_loss_coef: float = 0.0  # weight of a KL(pi || pi_ref) loss term (GRPO style; loads a reference model)
     kl_loss_estimator: str = "k3"  # k1 | k2 | k3 for the loss term
     mask_truncated: bool = False  # DAPO: drop truncated samples from the policy loss
+    max_abs_reward: float = 1e4  # a token reward beyond this (or non-finite) skips the RL step's update
+    max_skipped_steps: int = 3  # this many skipped RL steps in a row stop the run
     ppo_epochs: int = 1  # passes over each rollout batch
     critic_epochs: int | None = None  # passes of the critic (>= ppo_epochs; the extra ones train it alone); None = ppo_epochs
     minibatch_size: int = 64  # samples per optimizer step, over all ranks (the paper: 512)
@@ -81,7 +83,9 @@ class AlgorithmConfig:
         if self.kl_target is not None and self.kl_reward_coef == 0:
             # the adaptive controller scales beta multiplicatively: starting at 0 it would stay 0
             raise ValueError("algorithm.kl_target needs kl_reward_coef > 0 (the adaptive controller's initial beta)")
-        for name in ("ppo_epochs", "minibatch_size", "micro_batch_size", "kl_horizon"):
+        if not (isinstance(self.max_abs_reward, (int, float)) and 0 < self.max_abs_reward < math.inf):
+            raise ValueError(f"algorithm.max_abs_reward must be a finite number > 0, got {self.max_abs_reward!r}")
+        for name in ("ppo_epochs", "minibatch_size", "micro_batch_size", "kl_horizon", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
         if self.critic_epochs is not None and self.critic_epochs < self.ppo_epochs:

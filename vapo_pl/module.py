@@ -129,6 +129,8 @@ class VAPOModule(pl.LightningModule):
         self.critic: ValueModel | None = None
         self.ref_model: nn.Module | None = None
         self.rl_step = 0  # completed RL iterations
+        self.skipped_steps = 0  # RL steps whose update was skipped for a non-finite or absurd value
+        self.skipped_in_a_row = 0
         self.policy_version = 0  # weight syncs sent to the engine; rollouts must carry this version
         self.temperature = 1.0  # set from the DataModule: training log-probs use the sampler's temperature
         self.max_response_length: int | None = None  # set from the DataModule: Dr.GRPO's constant divisor
@@ -312,7 +314,15 @@ class VAPOModule(pl.LightningModule):
                 self.kl_ctl.update(float(kl_mean), n_steps=len(batch) * self._world)
         adv = self.compute_advantages(batch, rewards, prep.old_values)
         t = time.perf_counter()
-        metrics.update(self.update(batch, prep, adv))
+        bad = self.first_bad_tensor({"token rewards": rewards, "advantages": adv.advantages, "returns": adv.returns},
+                                    batch.response_mask, bound={"token rewards": self.algorithm.max_abs_reward})
+        if bad is None:
+            metrics.update(self.update(batch, prep, adv))
+            bad = metrics.pop("_bad", None)
+        skipped = bad is not None
+        self.record_skip(bad)
+        metrics["train/step_skipped"] = float(skipped)
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
         timings["perf/update_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.sync_weights()
@@ -321,6 +331,39 @@ class VAPOModule(pl.LightningModule):
         metrics.update(timings)
         self.log_metrics(metrics, batch)
         return StepOutput(rollout=batch, entropy=prep.entropy, metrics=metrics)
+
+    def first_bad_tensor(self, tensors: dict[str, Tensor], mask: Tensor, bound: dict[str, float] | None = None
+                         ) -> str | None:
+        """The name (and what is wrong) of the first tensor with a non-finite value on ``mask``, or with a value
+        beyond its ``bound``; ``None`` if all are fine. Decided on every rank alike (one all-reduce)."""
+        bound = bound or {}
+        flags = []
+        for name, t in tensors.items():
+            v = t[mask] if t.shape == mask.shape else t
+            flags.append(torch.stack([(~torch.isfinite(v)).any(), (v.abs() > bound.get(name, math.inf)).any()]))
+        flags = self._sum_across_ranks(torch.stack(flags).float()) > 0
+        for (name, _), (nonfinite, too_big) in zip(tensors.items(), flags.tolist()):
+            if nonfinite:
+                return f"{name} (non-finite)"
+            if too_big:
+                return f"{name} (|value| > {bound[name]:g})"
+        return None
+
+    def record_skip(self, bad: str | None) -> None:
+        """Count a skipped update (or reset the run of them); warn once per skip, stop after too many in a row."""
+        if bad is None:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        step = self.rl_step + 1
+        if self.trainer.is_global_zero:
+            log.warning("RL step %d: update skipped, %s; weights unchanged (%d skipped in a row)", step, bad,
+                        self.skipped_in_a_row)
+        limit = self.algorithm.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise RuntimeError(f"stopping: {limit} RL steps in a row skipped their update (step {step}: {bad}); "
+                               "see algorithm.max_abs_reward and the reward hooks")
 
     def check_on_policy(self, batch: RolloutBatch) -> None:
         if batch.weight_version != self.policy_version:
@@ -370,6 +413,7 @@ class VAPOModule(pl.LightningModule):
             policy_mask = policy_mask & ~batch.truncated.unsqueeze(1)
         positive_mask = policy_mask & batch.correct.unsqueeze(1)
         per_step: dict[str, list[Tensor]] = defaultdict(list)  # one entry per optimizer step
+        bad: str | None = None  # the first minibatch whose loss or gradient was not finite
         # ppo_epochs passes train both models; the critic's extra passes (critic_epochs) train it alone
         n_epochs = cfg.ppo_epochs
         if self.critic is not None:
@@ -383,6 +427,7 @@ class VAPOModule(pl.LightningModule):
                 n_tok, n_val_tok, n_pos = self._sum_across_ranks(counts) / world
                 summed: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
                 averaged: dict[str, list[Tensor]] = defaultdict(list)
+                total = torch.zeros((), device=device)  # this minibatch's loss, for the finite check
                 for idx in self._micro_batches(mb_idx):
                     loss = torch.zeros((), device=device)
                     if not critic_only_epoch:
@@ -399,16 +444,23 @@ class VAPOModule(pl.LightningModule):
                         summed["critic/value_loss"] += critic_loss.detach()
                         averaged["critic/vf_clipfrac"].append(vstats["vf_clipfrac"])
                     self.manual_backward(loss)
+                    total = total + loss.detach()
                 for k, v in summed.items():
                     per_step[k].append(v)
                 for k, v in averaged.items():
                     per_step[k].append(torch.stack(v).mean())
-                for k, v in self._clip_and_step(opt, critic_only_epoch).items():
+                norms, bad_here = self._clip_and_step(opt, critic_only_epoch, total)
+                for k, v in norms.items():
                     per_step[k].append(v)
-                sched.step()
+                if bad_here is None:
+                    sched.step()
+                else:
+                    bad = bad or bad_here
         out = {k: torch.stack([t.float() for t in v]).mean().item() for k, v in per_step.items()}
         for group in opt.param_groups:
             out[f"{group['name']}/lr"] = group["lr"]
+        if bad is not None:
+            out["_bad"] = bad  # read (and removed) by rl_step_on
         return out
 
     def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs
@@ -446,8 +498,11 @@ class VAPOModule(pl.LightningModule):
                                 self.algorithm.value_clip)
         return aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_tok), vstats
 
-    def _clip_and_step(self, opt, critic_only: bool) -> dict[str, Tensor]:
-        """Clip each model's gradient norm separately, then step; returns the pre-clip norms."""
+    def _clip_and_step(self, opt, critic_only: bool, loss: Tensor) -> tuple[dict[str, Tensor], str | None]:
+        """Clip each model's gradient norm separately, then step, unless the loss or a gradient norm is not
+        finite: then the gradients are dropped and nothing moves (under DeepSpeed only the loss is checked, its
+        config clips, and the skip path is untested there). Returns the pre-clip norms and what was wrong
+        (``None`` when the step was taken)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
         norms = {}
@@ -458,17 +513,24 @@ class VAPOModule(pl.LightningModule):
                     continue
                 norm = torch.nn.utils.clip_grad_norm_(group["params"], clips[group["name"]] or math.inf)
                 norms[f"{group['name']}/grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        opt.step()
+        checks = {"loss": loss.reshape(1)} | {k: v.reshape(1) for k, v in norms.items()}
+        bad = self.first_bad_tensor(checks, torch.ones(1, dtype=torch.bool, device=loss.device))
+        if bad is None:
+            opt.step()
         opt.zero_grad(set_to_none=True)
-        return norms
+        return norms, bad
 
     def value_pretrain_step(self, batch: RolloutBatch) -> dict[str, float]:
         """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged."""
         self.check_on_policy(batch)
         batch = batch.to(self.device)
         prep = self.prepare(batch, critic_only=True)
-        adv = self.compute_advantages(batch, self.token_rewards(batch), prep.old_values, monte_carlo_critic=True)
-        metrics = self.update(batch, prep, adv, critic_only=True)
+        rewards = self.token_rewards(batch)
+        adv = self.compute_advantages(batch, rewards, prep.old_values, monte_carlo_critic=True)
+        bad = self.first_bad_tensor({"token rewards": rewards, "returns": adv.returns}, batch.response_mask,
+                                    bound={"token rewards": self.algorithm.max_abs_reward})
+        metrics = self.update(batch, prep, adv, critic_only=True) if bad is None else {}
+        self.record_skip(bad or metrics.pop("_bad", None))
         metrics["critic/explained_var"] = float(explained_variance(prep.old_values, adv.returns,
                                                                    batch.response_mask))
         metrics["rollout/reward_mean"] = float(batch.scores.mean())
@@ -498,6 +560,7 @@ class VAPOModule(pl.LightningModule):
         time (``data.engine.weight_sync_bucket_mb``), never the whole model at once."""
         from vapo_pl.parallel import stream_state_items
 
+        self.check_finite_weights()
         engine = self.engine
         engine.wake_up()
         bucket_mb = self.rollout_data.engine_config.weight_sync_bucket_mb
@@ -506,6 +569,19 @@ class VAPOModule(pl.LightningModule):
         if bump:
             self.policy_version += 1
         engine.version = self.policy_version
+
+    def check_finite_weights(self) -> None:
+        """Refuse to hand the engine an actor with a non-finite weight (each rank checks what it holds)."""
+        flag = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for p in self.actor.parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if local.numel() and not bool(torch.isfinite(local).all()):
+                    flag = flag + 1
+                    break
+        if float(self._sum_across_ranks(flag)) > 0:
+            raise RuntimeError(f"the actor has non-finite weights after RL step {self.rl_step}: not syncing them "
+                               "to the engine")
 
     def _pin_global_step(self) -> None:
         """Make ``trainer.global_step`` count RL steps instead of optimizer steps."""
@@ -569,6 +645,8 @@ class VAPOModule(pl.LightningModule):
         checkpoint["vapo"] = {
             "rl_step": self.rl_step,
             "policy_version": self.policy_version,
+            "skipped_steps": self.skipped_steps,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "kl_coef": self.kl_ctl.value,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -581,6 +659,8 @@ class VAPOModule(pl.LightningModule):
         state = checkpoint["vapo"]
         self.rl_step = state["rl_step"]
         self.policy_version = state["policy_version"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         self.kl_ctl.value = state["kl_coef"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
