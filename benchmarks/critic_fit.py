@@ -182,14 +182,10 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
 
     from vapo_pl.algorithms.aggregation import aggregate
     from vapo_pl.algorithms.value import value_loss
+    from vapo_pl.demo.prepare import policy_dir
     from vapo_pl.module import VAPOModule
 
-    if args.policy is None:
-        from vapo_pl.demo.prepare import prepare
-
-        policy = prepare()
-    else:
-        policy = Path(args.policy)
+    policy = policy_dir(args.policy)
     data = rollouts(policy, {"train": args.train_file, "heldout": args.heldout_file},
                     {"train": args.train_prompts, "heldout": args.heldout_prompts}, args.samples, args.max_tokens,
                     seed=1234, cache=Path(args.cache), grade=grade)

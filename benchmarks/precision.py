@@ -43,13 +43,9 @@ def main(argv: list[str] | None = None) -> dict:
     from vapo_pl.common import fp32_forward
     from vapo_pl.demo import task
     from vapo_pl.demo.base_policy import encode_demo
+    from vapo_pl.demo.prepare import policy_dir
 
-    if args.policy is None:
-        from vapo_pl.demo.prepare import prepare
-
-        policy = prepare()
-    else:
-        policy = Path(args.policy)
+    policy = policy_dir(args.policy)
     tok = AutoTokenizer.from_pretrained(policy)
     problems = task.read_split(task.TRAIN_FILE)[: args.batch]
     rows = [encode_demo(tok, p.prompt, p.solution()) for p in problems]

@@ -104,12 +104,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--bucket-fraction", type=float, default=0.05, help="bucket size as a share of the model")
     ap.add_argument("--dtype", default="bfloat16", help="engine dtype (the sync casts to it)")
     args = ap.parse_args(argv)
-    if args.policy is None:
-        from vapo_pl.demo.prepare import prepare
+    from vapo_pl.demo.prepare import policy_dir
 
-        policy = prepare()
-    else:
-        policy = Path(args.policy)
+    policy = policy_dir(args.policy)
     r = measure(policy, args.bucket_fraction, args.dtype)
     print(f"model {r['model_bytes'] / 1e6:.2f} MB in {r['engine_dtype']}, bucket {args.bucket_fraction:.3f} of it")
     print(f"sync peak extra memory / model bytes: materialised {r['materialised']:.3f}, streamed {r['streamed']:.3f}")

@@ -44,6 +44,11 @@ def prepare(cache_dir: str | Path | None = None, task: str = "demo") -> Path:
     return link
 
 
+def policy_dir(path: str | Path | None, task: str = "demo") -> Path:
+    """``path`` if given, else the task's base policy (built if needed): the ``--policy`` default of benchmarks."""
+    return Path(path) if path is not None else prepare(task=task)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Build (or find) a demo base policy.")
     ap.add_argument("--task", choices=sorted(LINKS), default="demo")
