@@ -140,6 +140,13 @@ DEFINING = {
         **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0),
         "trainer.accelerator": "cpu",
     },
+    "demo_long.yaml": {  # the same seven techniques on the long task, with the critic settings it needs
+        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=1.0, eps_low=0.2, eps_high=0.28,
+               loss_agg_mode="token-mean", nll_coef=0.1, critic_epochs=2),
+        **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0, max_response_length=144),
+        "model.init_args.optim.critic_grad_clip": None,
+        "trainer.accelerator": "cpu",
+    },
     "vapo_qwen2.5_32b.yaml": {
         **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=0.05, eps_low=0.2, eps_high=0.28,
                loss_agg_mode="token-mean", nll_coef=0.1, kl_reward_coef=0.0, kl_loss_coef=0.0,

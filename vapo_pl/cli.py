@@ -36,7 +36,6 @@ CLI_KWARGS: dict[str, Any] = {
         "configs/strategies/fsdp2.yaml --model.init_args.algorithm.eps_high=0.28",
     },
 }
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # baselines computed within a prompt's samples
 
 
 class ConfigError(ValueError):
@@ -136,7 +135,7 @@ def _check_batch(algo, prompts: int, samples: int, world: int) -> None:
                 f"model.algorithm.micro_batch_size={algo.micro_batch_size} does not divide the per-rank "
                 f"minibatch of {algo.minibatch_size // world}"
             )
-    if algo.estimator in GROUP_ESTIMATORS and samples < 2:
+    if "group_index" in algo.estimator_needs and samples < 2:  # baselines within a prompt's samples
         raise ConfigError(
             f"data.samples_per_prompt={samples}: estimator {algo.estimator!r} needs >= 2 samples per prompt "
             "(groups)"

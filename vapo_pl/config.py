@@ -98,8 +98,13 @@ class AlgorithmConfig:
             raise ValueError("algorithm.dual_clip_c must be set for policy_loss 'aspo' (its soft dual clip)")
 
     @property
+    def estimator_needs(self) -> frozenset[str]:
+        """What the estimator reads besides rewards and mask (its registration's ``needs``)."""
+        return ADVANTAGE_ESTIMATORS.needs(self.estimator)
+
+    @property
     def uses_critic(self) -> bool:
-        return self.estimator == "gae"
+        return "values" in self.estimator_needs
 
     @property
     def uses_reference(self) -> bool:

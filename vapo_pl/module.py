@@ -174,7 +174,7 @@ class VAPOModule(pl.LightningModule):
 
     @property
     def needs_greedy_baseline(self) -> bool:
-        return self.algorithm.estimator == "remax"
+        return "baseline_scores" in self.algorithm.estimator_needs
 
     def configure_model(self) -> None:
         if self.actor is not None:

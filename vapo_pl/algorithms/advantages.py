@@ -274,7 +274,7 @@ def _centered(groups: _Groups) -> Tensor:
     return groups.deviations - mean[groups.ids]
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register("gae", needs=("values",))
 @torch.no_grad()
 def gae_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutputs:
     """PPO/VAPO advantages: GAE with Decoupled (and optionally Length-adaptive) lambdas.
@@ -309,7 +309,7 @@ def gae_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> Advantag
     return AdvantageOutputs(advantages=advantages, returns=returns, lambda_policy=lam_policy)
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo", needs=("group_index",))
 @torch.no_grad()
 def grpo_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutputs:
     """GRPO outcome advantage ``(r_i - mean_g(r)) / (std_g(r) + eps)``, broadcast to every token.
@@ -328,7 +328,7 @@ def grpo_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> Advanta
     return _outcome_outputs(advantage, scores, inputs.mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+@ADVANTAGE_ESTIMATORS.register("dr_grpo", needs=("group_index",))
 @torch.no_grad()
 def dr_grpo_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutputs:
     """Dr.GRPO outcome advantage ``r_i - mean_g(r)`` (no std division), broadcast to every token.
@@ -340,7 +340,7 @@ def dr_grpo_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> Adva
     return _outcome_outputs(_centered(_groups(scores, group_index)), scores, inputs.mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@ADVANTAGE_ESTIMATORS.register("rloo", needs=("group_index",))
 @torch.no_grad()
 def rloo_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutputs:
     """RLOO: ``r_j - (sum_{k != j} r_k) / (G - 1)`` within each group, broadcast to every token.
@@ -357,7 +357,7 @@ def rloo_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> Advanta
     return _outcome_outputs(d - leave_one_out, scores, inputs.mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("remax")
+@ADVANTAGE_ESTIMATORS.register("remax", needs=("baseline_scores",))
 @torch.no_grad()
 def remax_advantages(inputs: AdvantageInputs, params: AdvantageParams) -> AdvantageOutputs:
     """ReMax: ``r_i - r(greedy response to the same prompt)``, broadcast to every token.
