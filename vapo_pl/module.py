@@ -358,8 +358,7 @@ class VAPOModule(pl.LightningModule):
         self.skipped_in_a_row += 1
         step = self.rl_step + 1
         if self.trainer.is_global_zero:
-            log.warning("RL step %d: update skipped, %s; weights unchanged (%d skipped in a row)", step, bad,
-                        self.skipped_in_a_row)
+            log.warning("RL step %d: update skipped, %s (%d skipped in a row)", step, bad, self.skipped_in_a_row)
         limit = self.algorithm.max_skipped_steps
         if self.skipped_in_a_row >= limit:
             raise RuntimeError(f"stopping: {limit} RL steps in a row skipped their update (step {step}: {bad}); "
@@ -529,7 +528,7 @@ class VAPOModule(pl.LightningModule):
         adv = self.compute_advantages(batch, rewards, prep.old_values, monte_carlo_critic=True)
         bad = self.first_bad_tensor({"token rewards": rewards, "returns": adv.returns}, batch.response_mask,
                                     bound={"token rewards": self.algorithm.max_abs_reward})
-        metrics = self.update(batch, prep, adv, critic_only=True) if bad is None else {}
+        metrics = self.update(batch, prep, adv, critic_only=True) if bad is None else {"critic/value_loss": math.nan}
         self.record_skip(bad or metrics.pop("_bad", None))
         metrics["critic/explained_var"] = float(explained_variance(prep.old_values, adv.returns,
                                                                    batch.response_mask))

@@ -54,7 +54,7 @@ def test_a_bad_reward_skips_that_update_and_training_goes_on(make_run, caplog, v
     assert not _same(rec.actor[2], rec.actor[1]) and not _same(rec.actor[0], module.build_actor().state_dict())
     assert all(torch.isfinite(v).all() for w in rec.actor + rec.critic for v in w.values())
     lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert lines == [f"RL step 2: update skipped, {reason}; weights unchanged (1 skipped in a row)"]
+    assert lines == [f"RL step 2: update skipped, {reason} (1 skipped in a row)"]
 
 
 def test_too_many_skips_in_a_row_stop_the_run_in_one_line(make_run):
@@ -94,3 +94,15 @@ def test_bad_guard_settings_name_the_field():
         AlgorithmConfig(max_abs_reward=math.inf)
     with pytest.raises(ValueError, match="algorithm.max_skipped_steps"):
         AlgorithmConfig(max_skipped_steps=0)
+
+
+def test_value_pretraining_skips_bad_batches_too(make_run):
+    """A bad reward during value pretraining skips that critic update; the run of them stops in one line."""
+    from callbacks import ValuePretraining
+
+    vp = ValuePretraining(steps=5)
+    module, dm, trainer = make_run(module_cls=poisoned({0}, math.nan), trainer=dict(max_steps=1, callbacks=[vp]))
+    with pytest.raises(RuntimeError, match=r"^stopping: 3 RL steps in a row skipped their update \(step 1: token"):
+        trainer.fit(module, dm)
+    assert vp.steps_done == 2 and module.skipped_steps == 3
+    assert all(torch.isfinite(p).all() for p in module.critic.parameters())
