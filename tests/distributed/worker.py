@@ -158,9 +158,9 @@ class ProbedModule(VAPOModule):
             m = batch.response_mask
             self.logp_checks.append({
                 # engine log-probs vs the trainer's under the weights the engine was synced to
-                "engine_vs_actor": float((prep["old_logp"] - batch.rollout_logprobs).abs()[m].max()),
+                "engine_vs_actor": float((prep.old_logp - batch.rollout_logprobs).abs()[m].max()),
                 # the actor vs the frozen initial weights: how far training moved the log-probs
-                "actor_vs_initial": float((prep["old_logp"] - prep["ref_logp"]).abs()[m].max()),
+                "actor_vs_initial": float((prep.old_logp - prep.ref_logp).abs()[m].max()),
             })
         return prep
 
@@ -174,7 +174,7 @@ class ProbedModule(VAPOModule):
         self.check_on_policy(batch)
         batch = batch.to(self.device)
         prep = self.prepare(batch)
-        adv = self.compute_advantages(batch, self.token_rewards(batch), prep.get("old_values"))
+        adv = self.compute_advantages(batch, self.token_rewards(batch), prep.old_values)
         self.algorithm = replace(self.algorithm, minibatch_size=len(batch) * self._world)
         for _ in range(FIXED_PASSES):
             stats = self.update(batch, prep, adv)
