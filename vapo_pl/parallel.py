@@ -94,7 +94,7 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
         import deepspeed
 
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each of their names
         state_names = list(model.state_dict().keys())
         entries = [(name, params.get(name)) for name in state_names]
 
@@ -105,7 +105,7 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
             return numel * p.element_size()
 
         for bucket in _buckets(entries, bucket_bytes, full_bytes):
-            group = [p for _, p in bucket if p is not None]
+            group = list({id(p): p for _, p in bucket if p is not None}.values())
             with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
                 buffers = None
                 for name, p in bucket:
@@ -116,16 +116,17 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
                     else:
                         yield name, cast(p).clone() if dtype is None or p.dtype == dtype else cast(p)
         return
-    with torch.no_grad():
-        state = model.state_dict()
-        if isinstance(strategy, ModelParallelStrategy):
-            from torch.distributed.tensor import DTensor
+    # No torch.no_grad() here: a generator would hold it across its yields and, if not run to the end, leave the
+    # caller's grad mode off. state_dict() tensors are detached already.
+    state = model.state_dict()
+    if isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.tensor import DTensor
 
-            for name, t in state.items():
-                yield name, cast(t.full_tensor() if isinstance(t, DTensor) else t)
-            return
         for name, t in state.items():
-            yield name, cast(t)
+            yield name, cast(t.full_tensor() if isinstance(t, DTensor) else t)
+        return
+    for name, t in state.items():
+        yield name, cast(t)
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy) -> None:

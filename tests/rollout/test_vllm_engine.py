@@ -272,3 +272,15 @@ def test_streamed_sync_holds_about_one_layer_not_the_model(engine, tiny_model_di
     assert materialised.peak == size
     assert streamed.count == materialised.count  # every tensor was cast and sent
     assert streamed.peak <= layer + size // 20 and streamed.peak < 0.5 * size
+
+
+def test_an_unfinished_stream_leaves_grad_mode_alone(tiny_model_dir):
+    """The sync's generator must not switch autograd off for its caller, even when abandoned half-way."""
+    import torch
+
+    from vapo_pl.parallel import stream_state_items
+
+    model = load_hf(tiny_model_dir)
+    items = stream_state_items(model, None, dtype=torch.bfloat16, bucket_bytes=1024)
+    name, tensor = next(items)
+    assert torch.is_grad_enabled() and not tensor.requires_grad and tensor.dtype == torch.bfloat16
