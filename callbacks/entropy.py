@@ -57,8 +57,8 @@ def entropy_sums(entropy: Tensor, mask: Tensor, low_threshold: float, high_thres
 class EntropyTracker(pl.Callback):
     """Logs rollout token-entropy statistics and warns when the mean stays collapsed.
 
-    Reads ``outputs["entropy"]`` (``vapo_pl.batch.StepOutput.entropy``: (B, T), or None when the step computed none) and
-    ``outputs["rollout"].response_mask`` from ``VAPOModule.training_step``.
+    Reads ``outputs["entropy"]`` ((B, T), or None when the step computed none) and
+    ``outputs["rollout"].response_mask`` from ``VAPOModule.training_step`` (a ``vapo_pl.batch.StepOutput``).
 
     Args:
         low_threshold: entropy (nats) below which a token counts as near-deterministic.

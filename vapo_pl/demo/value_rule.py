@@ -39,7 +39,8 @@ class RuleValue:
 
     @classmethod
     def fit(cls, prompts: Sequence[str], responses: Sequence[str], scores: Sequence[float]) -> RuleValue:
-        """Mean score of the responses that are on track at their first token, by forks ahead (0, 1, 2)."""
+        """``table[k]``: mean score of the responses that reach an on-track state with ``k`` forks ahead (each
+        response counted once per ``k``)."""
         sums: dict[int, float] = {}
         counts: dict[int, int] = {}
         for prompt, response, score in zip(prompts, responses, scores):
