@@ -85,14 +85,16 @@ def fp32_forward(linear: torch.nn.Linear) -> torch.nn.Linear:
     Its ``forward`` is replaced on the instance, so parameter names, state dicts, ZeRO-3's gather hooks and FSDP2
     sharding are unchanged (they act on ``__call__`` and the parameters). Idempotent.
     """
+    import types
+
     if getattr(linear, "_vapo_fp32", False):
         return linear
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            bias = None if linear.bias is None else linear.bias.float()
-            return torch.nn.functional.linear(x.float(), linear.weight.float(), bias)
-
-    linear.forward = forward
+    linear.forward = types.MethodType(_fp32_linear_forward, linear)  # a bound method: deepcopy rebinds it
     linear._vapo_fp32 = True
     return linear
+
+
+def _fp32_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
