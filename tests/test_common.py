@@ -14,10 +14,11 @@ def test_fp32_linear_under_autocast_and_after_deepcopy():
     plain, patched = torch.nn.Linear(8, 3), fp32_forward(torch.nn.Linear(8, 3))
     patched.load_state_dict(plain.state_dict())
     x = torch.randn(5, 8)
+    reference = plain(x)  # float32, outside autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plain(x).dtype == torch.bfloat16
-        assert patched(x).dtype == torch.float32
-        assert torch.equal(patched(x), torch.nn.functional.linear(x, plain.weight, plain.bias))
+        out = patched(x)
+    assert out.dtype == torch.float32 and torch.equal(out, reference)
     assert fp32_forward(patched) is patched and list(patched.state_dict()) == ["weight", "bias"]
     # a deep copy computes with its own weights, not the original's
     twin = copy.deepcopy(patched)
