@@ -189,3 +189,16 @@ def test_characters_are_in_the_tiny_vocabulary(splits):
         ids = tok(text, add_special_tokens=False).input_ids
         assert len(ids) == len(text)  # one token per character, none unknown
         assert tok.decode(ids) == text
+
+
+def test_long_task_files_are_what_its_spec_generates():
+    """The shipped long-task splits equal ``generate_splits(long.TASK)``; its responses run 18-130 characters with
+    1-3 carries, as ``vapo_pl/demo/long.py`` says."""
+    from vapo_pl.demo import long
+
+    train, heldout = task.generate_splits(long.TASK)
+    assert long.TRAIN_FILE.read_text() == task.to_jsonl(train)
+    assert long.HELDOUT_FILE.read_text() == task.to_jsonl(heldout)
+    lengths = [len(p.solution()) for p in train]
+    assert (min(lengths), max(lengths)) == (18, 130)
+    assert {len(p.carries) for p in train} == {1, 2, 3}
