@@ -201,13 +201,10 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
         rule = RuleValue.fit(train["prompts"], train["texts"], train["scores"].tolist())
         print(f"rule: P(success | on track, k forks ahead) = {[round(x, 3) for x in rule.table]}", flush=True)
 
-    def rule_values(split: dict, batch) -> torch.Tensor:
-        width = batch.response_mask.shape[1]
-        rows = [rule.values(split["prompts"][i], split["texts"][i], width) for i in batch.index]
-        return torch.tensor(rows)
+    def rule_values(split: dict, rows: list[int], width: int) -> torch.Tensor:
+        return torch.tensor([rule.values(split["prompts"][i], split["texts"][i], width) for i in rows])
 
     hb = to_batch(held, torch.arange(len(held["scores"])), pad_id)
-    hb.index = list(range(len(held["scores"])))
     mask = hb.response_mask
     returns = hb.scores.unsqueeze(1).expand_as(mask).float()
     print(f"held-out: {len(hb)} samples, accuracy {hb.scores.mean():.3f}, train accuracy "
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     loo = ((sums[g] - s) / (cnt[g] - 1).clamp(min=1)).unsqueeze(1).expand_as(mask)
     refs["prompt only"] = report("prompt only (LOO)", loo, returns, mask)
     if rule is not None:
-        refs["rule"] = report("rule", rule_values(held, hb), returns, mask)
+        refs["rule"] = report("rule", rule_values(held, list(range(len(hb))), mask.shape[1]), returns, mask)
 
     torch.manual_seed(args.seed)
     module = VAPOModule(model_path=str(policy), critic_head_init=args.head_init)
@@ -239,10 +236,7 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     @torch.no_grad()
     def held_values() -> torch.Tensor:
         critic.eval()
-        parts = []
-        for i in range(0, len(hb), 256):
-            v = module.critic_values(hb.select(torch.arange(i, min(i + 256, len(hb)))))
-            parts.append(torch.nn.functional.pad(v, (0, mask.shape[1] - v.shape[1])))
+        parts = [module.critic_values(hb.select(torch.arange(i, min(i + 256, len(hb))))) for i in range(0, len(hb), 256)]
         critic.train()
         return torch.cat(parts) / scale
 
@@ -262,10 +256,9 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
         pos += args.batch_size
         t0 = time.perf_counter()
         batch = to_batch(train, idx, pad_id)
-        batch.index = idx.tolist()
         m = batch.response_mask
         if args.targets == "rule":
-            target = rule_values(train, batch)
+            target = rule_values(train, idx.tolist(), m.shape[1])
         else:
             target = batch.scores.unsqueeze(1).expand_as(m).float()
         target = target * scale

@@ -39,22 +39,9 @@ def fully_shard_model(model: nn.Module, mesh) -> None:
 
 
 def full_state_items(model: nn.Module, strategy) -> Iterator[tuple[str, Tensor]]:
-    """Full (unsharded) weights with Hugging Face names, on every rank (each rank feeds its own engine)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
-
-    if isinstance(strategy, ModelParallelStrategy):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-        return iter(state.items())
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return iter(state.items())
-    with torch.no_grad():
-        return iter(model.state_dict().items())
+    """Full (unsharded) weights with Hugging Face names, on every rank: ``stream_state_items`` without a cast, with
+    ZeRO-3 gathering everything at once (for saving; the weight sync streams in buckets)."""
+    return stream_state_items(model, strategy)
 
 
 def _buckets(items: list[tuple[str, Tensor]], bucket_bytes: int | None, size_of) -> Iterator[list[tuple[str, Tensor]]]:
@@ -78,7 +65,7 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
                        bucket_bytes: int | None = None) -> Iterator[tuple[str, Tensor]]:
     """Full (unsharded) weights with Hugging Face names, produced lazily one bucket at a time, cast to ``dtype``.
 
-    Unlike ``full_state_items`` nothing is materialised for the whole model: FSDP2 shards are gathered tensor by
+    Nothing is materialised for the whole model (unless ``bucket_bytes`` is None under ZeRO-3): FSDP2 shards are gathered tensor by
     tensor (``DTensor.full_tensor``), ZeRO-3 partitions bucket by bucket (``GatheredParameters`` over at most
     ``bucket_bytes`` of full-size parameters), and the cast to the engine's dtype happens per tensor, so the extra
     memory a weight sync holds at once is about one bucket (plus what the consumer keeps). Unsharded weights in
