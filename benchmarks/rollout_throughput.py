@@ -37,8 +37,9 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vapo_pl.datamodule import EngineConfig, RolloutDataModule
+    from vapo_pl.datamodule import RolloutDataModule
     from vapo_pl.rewards.base import RewardTerm
+    from vapo_pl.rollout.config import EngineConfig
     from vapo_pl.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="vapo_bench_"))
@@ -52,7 +53,7 @@ def main() -> None:
                            samples_per_prompt=args.samples, shuffle=False,
                            engine=EngineConfig(kind="vllm", dtype="float32"), reward=[RewardTerm(name="math_verify")])
     dm.setup("fit")
-    engine = dm.get_engine()
+    engine = dm.engine
     prompts = dm.train_prompt_ids[: args.prompts]
     sampling = dm.training_sampling(seed=1)
     # what the engine asks vLLM for: sampled-token log-probs in flat form, no detokenisation (the DataModule

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vapo_pl.common import derive_seed, sum_across_ranks as _sum_across_ranks, world as _world
+from vapo_pl.common import derive_seed
+from vapo_pl.common import sum_across_ranks as _sum_across_ranks
+from vapo_pl.common import world as _world
 from vapo_pl.rollout.base import Sampling
 
 _EVAL_STREAM = 0xE7A1  # keeps evaluation seeds apart from the training rollouts' seeds
@@ -112,7 +114,7 @@ class Evaluation(pl.Callback):
     """Samples ``samples_per_prompt`` responses per held-out problem and logs mean@k, pass@k and maj@k.
 
     Problems come from the DataModule's ``val_records`` / ``val_prompt_ids`` (``data.val_files``);
-    generation goes through ``RolloutDataModule.generate`` (the training engine, the module's reward).
+    generation goes through ``RolloutDataModule.evaluate`` (the training engine, the module's reward).
 
     Args:
         every_n_steps: evaluate before every step that is a multiple of this.
@@ -230,17 +232,10 @@ class Evaluation(pl.Callback):
         rank, world = _world()
         mine = list(range(total))[rank::world]
         sums = torch.zeros(7, dtype=torch.float64)
-        greedy_baseline = datamodule.greedy_baseline
-        datamodule.greedy_baseline = False  # ReMax's extra greedy decode is for training batches only
-        try:
-            for start in range(0, len(mine), self.prompts_per_call):
-                idx = mine[start : start + self.prompts_per_call]
-                batch = datamodule.generate(idx, self.sampling(datamodule, step, idx[0]),
-                                            records=datamodule.val_records, prompt_ids=datamodule.val_prompt_ids)
-                extracted = [m.get("extracted") for m in batch.metadata] if batch.metadata else [None] * len(batch)
-                sums += self.problem_sums(batch.correct, extracted, batch.lengths, batch.truncated)
-        finally:
-            datamodule.greedy_baseline = greedy_baseline
+        sampling = lambda first: self.sampling(datamodule, step, first)  # noqa: E731
+        for batch in datamodule.evaluate(mine, sampling, self.prompts_per_call):
+            extracted = [m.get("extracted") for m in batch.metadata] if batch.metadata else [None] * len(batch)
+            sums += self.problem_sums(batch.correct, extracted, batch.lengths, batch.truncated)
         device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
         mean, pas, maj, n_problems, len_sum, n_samples, n_trunc = _sum_across_ranks(sums.to(device)).tolist()

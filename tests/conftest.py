@@ -48,8 +48,8 @@ def make_run(tiny_model_dir, prompt_file, tmp_path):
 
     from vapo_pl import RolloutDataModule, VAPOModule
     from vapo_pl.config import AlgorithmConfig, OptimConfig
-    from vapo_pl.datamodule import EngineConfig
     from vapo_pl.rewards.base import RewardTerm
+    from vapo_pl.rollout.config import EngineConfig
 
     def build(algorithm=None, data=None, trainer=None, engine="hf", module_cls=VAPOModule, reward=None):
         algo = dict(minibatch_size=8, micro_batch_size=4)

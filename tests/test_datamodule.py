@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from vapo_pl.datamodule import EngineConfig, RolloutDataModule, _informative_groups
+from vapo_pl.datamodule import RolloutDataModule, _informative_groups
 from vapo_pl.rewards.base import RewardTerm
+from vapo_pl.rollout.config import EngineConfig
 
 
 @pytest.fixture
@@ -75,14 +76,14 @@ def test_dynamic_sampling_step_stats_count_each_round_once(prompts, tiny_model_d
     dm = _dm(prompts, tiny_model_dir, dynamic_sampling=True, max_sampling_rounds=3, samples_per_prompt=2,
              reward=[RewardTerm(name="tests.trainer.task_rewards.half_informative")])
     generated = []
-    generate = dm.generate
+    generate = dm._generate
 
-    def recording(idx, sampling, records, prompt_ids):
-        batch = generate(idx, sampling, records=records, prompt_ids=prompt_ids)
+    def recording(*args, **kwargs):
+        batch = generate(*args, **kwargs)
         generated.append(batch)
         return batch
 
-    dm.generate = recording
+    dm._generate = recording
     b = dm.next_batch()
     assert len(generated) == 2 and b.stats["rollout/sampling_rounds"] == 2.0
     assert b.stats["rollout/dynamic_sampling_filled"] == 0.0 and len(b) == 8

@@ -10,7 +10,7 @@ __all__ = ["VAPOModule", "RolloutDataModule", "RolloutBatch", "AlgorithmConfig",
 _LAZY = {
     "VAPOModule": "vapo_pl.module",
     "RolloutDataModule": "vapo_pl.datamodule",
-    "EngineConfig": "vapo_pl.datamodule",
+    "EngineConfig": "vapo_pl.rollout.config",
     "RolloutBatch": "vapo_pl.batch",
     "AlgorithmConfig": "vapo_pl.config",
     "OptimConfig": "vapo_pl.config",

@@ -171,8 +171,8 @@ def validate_run_config(cfg) -> None:
     mistake.
     """
     from vapo_pl.config import AlgorithmConfig, OptimConfig
-    from vapo_pl.datamodule import EngineConfig
     from vapo_pl.rewards.base import CompositeReward, RewardTerm
+    from vapo_pl.rollout.config import EngineConfig
 
     model = _get(cfg, "model.init_args", _get(cfg, "model"))  # subclass mode nests arguments in init_args
     data = _get(cfg, "data.init_args", _get(cfg, "data"))

@@ -4,16 +4,20 @@ Strictly on-policy. Lightning's default fetcher prefetches one batch ahead, whic
 generated inside the dataset one update stale. ``VAPOModule.training_step`` therefore takes
 ``dataloader_iter`` (Lightning then does not prefetch) and pulls the batch itself, so generation for
 step ``k`` happens inside step ``k``, after the weights of update ``k-1`` were synced to the engine.
-Every batch records the engine's ``weight_version`` and the module checks it.
+Every batch records the ``weight_version`` it was generated with and the module checks it.
+
+The DataModule is the engine's one owner: it builds it, wakes it before every generate call, puts it to
+sleep after a step's rollouts and after an evaluation, loads the trainer's weights into it
+(``sync_weights``) and records their version. The module and the callbacks use ``sync_weights``,
+``next_batch`` and ``evaluate``; none of them touches the engine.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -25,35 +29,9 @@ from vapo_pl.common import derive_seed, max_across_ranks, require_model_dir, wor
 from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
 from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm
 from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
+from vapo_pl.rollout.config import EngineConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Rollout engine options (vLLM's names where they exist)."""
-
-    kind: Literal["vllm", "hf"] = "vllm"  # "hf" = transformers generate, for machines without vLLM
-    dtype: str = "auto"  # "float32" on CPU, "bfloat16" on GPU
-    max_model_len: int | None = None  # default: max_prompt_length + max_response_length (capped by the model)
-    gpu_memory_utilization: float = 0.5  # share of GPU memory vLLM may take (weights + KV cache)
-    kv_cache_space_gb: int = 1  # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
-    tensor_parallel_size: int = 1
-    enable_sleep_mode: bool = True  # GPU only: free vLLM's memory while the trainer updates
-    enforce_eager: bool | None = None  # skip torch.compile/CUDA graphs; None: eager on CPU (saves ~40 s of start-up)
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool | None = None  # None: off on CPU (vLLM 0.32 CPU bug with seeded requests), on on GPU
-    weight_sync_bucket_mb: float = 256.0  # weight sync streams the actor to the engine in buckets of at most this size
-
-    def __post_init__(self) -> None:
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.kv_cache_space_gb < 1:
-            raise ValueError(f"engine.kv_cache_space_gb must be > 0, got {self.kv_cache_space_gb}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if not self.weight_sync_bucket_mb > 0:
-            raise ValueError(f"engine.weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
 
 
 class _RolloutStream(IterableDataset):
@@ -173,7 +151,10 @@ class RolloutDataModule(pl.LightningDataModule):
         self.seed = seed
 
         self.tokenizer = None
-        self.engine: RolloutEngine | None = None
+        self._engine: RolloutEngine | None = None
+        self._asleep = False  # whether this DataModule put the engine to sleep (and has not woken it since)
+        self.weight_version = 0  # the version of the weights the engine holds (set by sync_weights)
+        self._pending_weights: Callable[[], None] | None = None  # see expect_weights
         self._shared_actor = None
         self._module = None  # the LightningModule, for its build_prompt / compute_reward hooks
         self.train_records: list[PromptRecord] = []
@@ -254,33 +235,76 @@ class RolloutDataModule(pl.LightningDataModule):
             val = load_prompts(self.val_files, self.val_prompt_key, self.val_answer_key, self.val_answer_after)
             self.val_records, self.val_prompt_ids, _ = self._tokenize(val)
 
-    def get_engine(self) -> RolloutEngine:
-        """The rollout engine, built on first use (after the process group and the actor exist)."""
-        if self.engine is None:
-            cfg = asdict(self.engine_config)
-            kind = cfg.pop("kind")
-            cfg.pop("weight_sync_bucket_mb")  # used by the sync, not by the engine
+    # ----------------------------------------------------------------- the engine's life
+    @property
+    def engine(self) -> RolloutEngine:
+        """The rollout engine, built on first use (after the process group and the actor exist). Read-only:
+        generate through ``next_batch``/``evaluate`` and load weights through ``sync_weights``."""
+        if self._engine is None:
+            from vapo_pl.rollout.factory import build_engine
+
+            cfg = self.engine_config
+            if cfg.kind == "vllm" and cfg.max_model_len is None:
+                from transformers import AutoConfig
+
+                limit = getattr(AutoConfig.from_pretrained(self._model_dir()), "max_position_embeddings", None)
+                need = self.max_prompt_length + self.max_response_length
+                cfg = cfg.with_overrides(max_model_len=min(need, limit) if limit else need)
             rank = self.rank
             seed = derive_seed(self.seed, rank) % 2**31  # vLLM seeds numpy, which takes 32 bits
-            if kind == "hf":
-                from vapo_pl.rollout.hf_engine import HFEngine
+            self._engine = build_engine(cfg, self._model_dir(), seed=seed, rank=rank,
+                                        shared_model=self._shared_actor)
+            self._asleep = False
+        return self._engine
 
-                # Share the trainer's actor when there is one: no second copy of the weights.
-                model = self._shared_actor if self._shared_actor is not None else self._model_dir()
-                self.engine = HFEngine(model, dtype=cfg["dtype"], seed=seed, rank=rank)
-            else:
-                from vapo_pl.rollout.factory import build_engine
+    def attach_engine(self, engine: RolloutEngine) -> None:
+        """Generate with ``engine`` instead of one built from ``data.engine`` (tests, an engine shared by
+        several DataModules, a remote engine). It must be awake; from here on this DataModule owns it."""
+        self._engine, self._asleep = engine, False
 
-                if cfg["enforce_eager"] is None:
-                    cfg["enforce_eager"] = not torch.cuda.is_available()
-                if cfg["max_model_len"] is None:
-                    from transformers import AutoConfig
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """The dtype the engine holds its weights in; ``sync_weights`` callers cast to it."""
+        return self.engine.weight_dtype
 
-                    limit = getattr(AutoConfig.from_pretrained(self._model_dir()), "max_position_embeddings", None)
-                    need = self.max_prompt_length + self.max_response_length
-                    cfg["max_model_len"] = min(need, limit) if limit else need
-                self.engine = build_engine(kind, self._model_dir(), seed=seed, rank=rank, **cfg)
-        return self.engine
+    @property
+    def weight_sync_bucket_bytes(self) -> int:
+        return self.engine_config.weight_sync_bucket_bytes
+
+    def sync_weights(self, items: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load the trainer's weights (``(name, tensor)`` pairs, consumed lazily) into the engine; batches
+        generated from now on carry ``version``. A sleeping engine takes the weights without waking its KV
+        cache (vLLM wakes only the weights); the next generate call wakes the rest."""
+        self._pending_weights = None
+        self.engine.update_weights(items)
+        self.weight_version = version
+
+    def expect_weights(self, pull: Callable[[], None]) -> None:
+        """The engine must hold the trainer's weights before it next generates: the first generate call (or
+        ``ensure_weights``) calls ``pull``, which must end in ``sync_weights``. The module registers this at
+        fit start, so a callback that generates in ``on_train_start`` (value pretraining, an evaluation at
+        start) sees the restored weights after a resume, whatever order Lightning runs the hooks in."""
+        self._pending_weights = pull
+
+    def ensure_weights(self) -> None:
+        """Run the pull registered by ``expect_weights`` if no weights arrived since."""
+        pull, self._pending_weights = self._pending_weights, None
+        if pull is not None:
+            pull()
+
+    def _awake_engine(self) -> RolloutEngine:
+        self.ensure_weights()
+        engine = self.engine
+        if self._asleep:
+            engine.wake_up()
+            self._asleep = False
+        return engine
+
+    def _sleep_engine(self) -> None:
+        """Hand the engine's accelerator memory to the trainer (GPU; a no-op on CPU) until it is next needed."""
+        if self._engine is not None and not self._asleep:
+            self._engine.sleep()
+            self._asleep = True
 
     def _model_dir(self) -> str:
         return str(require_model_dir(self.model_path, "data.model_path"))
@@ -344,8 +368,8 @@ class RolloutDataModule(pl.LightningDataModule):
                     return None
                 break
             rounds += 1
-            batch = self.generate(idx, self.training_sampling(derive_seed(step_seed, rounds)),
-                                  records=self.train_records, prompt_ids=self.train_prompt_ids)
+            batch = self._generate(idx, self.training_sampling(derive_seed(step_seed, rounds)),
+                                   self.train_records, self.train_prompt_ids, greedy_baseline=self.greedy_baseline)
             n_seen += need
             round_stats.append(batch.stats)
             if not self.dynamic_sampling:
@@ -361,7 +385,7 @@ class RolloutDataModule(pl.LightningDataModule):
             more = int(n_kept < need and rounds < self.max_sampling_rounds)
             if not max_across_ranks(more):
                 break
-        self.get_engine().sleep()  # GPU: hand the engine's memory to the trainer until the next weight sync
+        self._sleep_engine()  # GPU: the trainer gets the engine's memory until the next generate call
         out = _concat_groups(kept + spare, need, self._pad_id())
         out.stats = _merge_stats(round_stats)
         out.stats["perf/generate_tokens_per_s"] = out.stats["rollout/generated_tokens"] / max(
@@ -377,16 +401,29 @@ class RolloutDataModule(pl.LightningDataModule):
         self.batches_served += 1
         return out
 
-    def generate(self, idx: list[int], sampling: Sampling, records: list[PromptRecord],
-                 prompt_ids: list[list[int]]) -> RolloutBatch:
+    def evaluate(self, indices: list[int], sampling: Callable[[int], Sampling], prompts_per_call: int
+                 ) -> Iterator[RolloutBatch]:
+        """Scored rollouts of the held-out prompts ``indices``, ``prompts_per_call`` at a time; ``sampling(first)``
+        gives the sampling of the call starting at held-out prompt ``first``. No greedy baselines (those are for
+        training batches). The engine sleeps again when the iteration ends or is abandoned."""
+        try:
+            for start in range(0, len(indices), prompts_per_call):
+                idx = indices[start : start + prompts_per_call]
+                yield self._generate(idx, sampling(idx[0]), self.val_records, self.val_prompt_ids,
+                                     greedy_baseline=False)
+        finally:
+            self._sleep_engine()
+
+    def _generate(self, idx: list[int], sampling: Sampling, records: list[PromptRecord],
+                  prompt_ids: list[list[int]], greedy_baseline: bool) -> RolloutBatch:
         """Rollouts for prompts ``idx`` of ``records``: generate, decode, score, pad."""
-        engine = self.get_engine()
-        version = engine.version
+        engine = self._awake_engine()
+        version = self.weight_version
         t0 = time.perf_counter()
         outs = engine.generate([prompt_ids[i] for i in idx], sampling)
         t_gen = time.perf_counter() - t0
         baseline = None
-        if self.greedy_baseline:
+        if greedy_baseline:
             greedy = Sampling(n=1, temperature=0.0, max_tokens=sampling.max_tokens)
             g_outs = engine.generate([prompt_ids[i] for i in idx], greedy)
             g_batch = self._score(idx, g_outs, records, prompt_ids, version)

@@ -216,25 +216,23 @@ class VAPOModule(pl.LightningModule):
         """The RolloutDataModule this module trains from."""
         return self.trainer.datamodule
 
-    @property
-    def engine(self):
-        return self.rollout_data.get_engine()
-
     def on_fit_start(self) -> None:
         dm = self.rollout_data
-        if dm is None or not hasattr(dm, "get_engine"):
+        if dm is None or not hasattr(dm, "sync_weights"):
             raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
         self.temperature = dm.temperature
         self.max_response_length = dm.max_response_length
         dm.connect(self, actor=self.actor)
+        # The engine loaded model_path; after a resume the actor differs, so the engine gets the actor's weights
+        # before it first generates (the DataModule pulls them if a callback generates before on_train_start).
+        dm.expect_weights(lambda: self.sync_weights(bump=False))
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             print(f"RL steps: {self.rl_step}; peak memory (trainer process): {peak_rss_gb():.2f} GB", flush=True)
 
     def on_train_start(self) -> None:
-        # The engine loaded model_path; after a resume the actor differs, so always start from a sync.
-        self.sync_weights(bump=False)
+        self.rollout_data.ensure_weights()
 
     # ------------------------------------------------------------------ distributed helpers
     def _sum_across_ranks(self, x: Tensor) -> Tensor:
@@ -560,14 +558,11 @@ class VAPOModule(pl.LightningModule):
         from vapo_pl.parallel import stream_state_items
 
         self.check_finite_weights()
-        engine = self.engine
-        engine.wake_up()
-        bucket_mb = self.rollout_data.engine_config.weight_sync_bucket_mb
-        engine.update_weights(stream_state_items(self.actor, self.trainer.strategy, dtype=engine.weight_dtype,
-                                                 bucket_bytes=int(bucket_mb * 2**20)))
+        dm = self.rollout_data
         if bump:
             self.policy_version += 1
-        engine.version = self.policy_version
+        dm.sync_weights(stream_state_items(self.actor, self.trainer.strategy, dtype=dm.weight_dtype,
+                                           bucket_bytes=dm.weight_sync_bucket_bytes), version=self.policy_version)
 
     def check_finite_weights(self) -> None:
         """Refuse to hand the engine an actor with a non-finite weight (each rank checks what it holds)."""

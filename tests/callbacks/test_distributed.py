@@ -1,6 +1,6 @@
 """The callbacks' cross-rank reductions, in two real gloo processes.
 
-Each rank's rollouts are hand-built, and ``Evaluation`` reads a stub DataModule whose ``generate`` returns
+Each rank's rollouts are hand-built, and ``Evaluation`` reads a stub DataModule whose ``evaluate`` yields
 hand-built batches: two real engines in two processes would take most of the test budget, and the point
 here is the sharding and the all-reduce / all-gather arithmetic, which the stub exercises unchanged.
 """
@@ -36,7 +36,12 @@ class StubDataModule:
         self.val_prompt_ids = [[1, 2]] * N_PROBLEMS
         self.seen: list[int] = []
 
-    def generate(self, idx, sampling, records, prompt_ids):
+    def evaluate(self, indices, sampling, prompts_per_call):
+        for start in range(0, len(indices), prompts_per_call):
+            idx = indices[start : start + prompts_per_call]
+            yield self._generate(idx, sampling(idx[0]))
+
+    def _generate(self, idx, sampling):
         self.seen.extend(idx)
         correct = [j < p % (K + 1) for p in idx for j in range(sampling.n)]
         lengths = [p + j + 1 for p in idx for j in range(sampling.n)]

@@ -186,8 +186,9 @@ def arithmetic_files(tmp_path_factory):
 
 
 def _datamodule(tiny_model_dir, files):
-    from vapo_pl.datamodule import EngineConfig, RolloutDataModule
+    from vapo_pl.datamodule import RolloutDataModule
     from vapo_pl.rewards.base import RewardTerm
+    from vapo_pl.rollout.config import EngineConfig
 
     train, val = files
     return RolloutDataModule(
@@ -205,7 +206,7 @@ def test_real_engine_evaluation_structure(tiny_model_dir, arithmetic_files):
     assert len(dm.val_prompt_ids) == 3
     ev = Evaluation(every_n_steps=1, name="arith", samples_per_prompt=3, max_tokens=8, max_problems=2,
                     prompts_per_call=1)
-    engine = dm.get_engine()
+    engine = dm.engine
     calls = []
     engine_generate = engine.generate
 
@@ -218,7 +219,7 @@ def test_real_engine_evaluation_structure(tiny_model_dir, arithmetic_files):
     engine.generate = recording_generate
     dm.greedy_baseline = True  # as under ReMax: evaluation must not add greedy decodes
     metrics = ev.evaluate(dm, step=0)
-    assert dm.greedy_baseline is True  # restored
+    assert dm.greedy_baseline is True  # untouched
     assert set(metrics) == set(ev.metric_names())
     assert len(calls) == 2  # max_problems=2, one problem per call, no greedy call
     for n_prompts, sampling, group_sizes, longest in calls:
@@ -267,13 +268,13 @@ def test_trainer_evaluates_at_start_every_n_and_at_end(tmp_path, tiny_model_dir,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          log_every_n_steps=1)
     order = []
-    generate = dm.generate
+    generate = dm._generate
 
-    def recording_generate(idx, sampling, records, prompt_ids):
+    def recording_generate(idx, sampling, records, prompt_ids, greedy_baseline):
         order.append(("eval" if records is dm.val_records else "train", trainer.global_step))
-        return generate(idx, sampling, records=records, prompt_ids=prompt_ids)
+        return generate(idx, sampling, records, prompt_ids, greedy_baseline)
 
-    dm.generate = recording_generate
+    dm._generate = recording_generate
     trainer.fit(Stepper(), datamodule=dm)
 
     assert [h["step"] for h in ev.history] == [0, 2, 3]

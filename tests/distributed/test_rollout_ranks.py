@@ -2,7 +2,7 @@
 
 What ran: ``worker.scenario_rollout``: a RolloutDataModule on 17 prompts (``prompts_per_step=4``, so 2
 prompts per rank per step), each rank building its own ``vllm.LLM`` (float32, ``external_launcher``) through
-``get_engine``; two full epochs through ``train_dataloader()``; then dynamic sampling with a reward that
+``RolloutDataModule.engine``; two full epochs through ``train_dataloader()``; then dynamic sampling with a reward that
 makes every group of rank 0 uninformative and every group of rank 1 informative.
 """
 

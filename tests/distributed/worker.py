@@ -2,7 +2,7 @@
 and scenario in ``--out`` (``<scenario>.rank<r>.json``), which the pytest process asserts on.
 
 All scenarios of one invocation share the process group and one real vLLM engine per rank (starting an
-engine costs ~20-30 s here; the engine is built once by ``RolloutDataModule.get_engine`` and handed to the
+engine costs ~20-30 s here; the engine is built once by ``RolloutDataModule.engine`` and handed to the
 DataModules of the later scenarios). The gloo process group is initialised here, before any Trainer, as
 vLLM's ``external_launcher`` expects; Lightning's strategies find it initialised and reuse it.
 
@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 from vapo_pl import RolloutDataModule, VAPOModule
 from vapo_pl.config import AlgorithmConfig, OptimConfig
-from vapo_pl.datamodule import EngineConfig
 from vapo_pl.parallel import HFDeepSpeedStrategy, full_state_items
 from vapo_pl.rewards.base import RewardTerm
+from vapo_pl.rollout.config import EngineConfig
 
 FIXED_PASSES = 4
 RL_STEPS = 2
@@ -98,9 +98,9 @@ def attach_engine(dm: RolloutDataModule) -> None:
     """Build this rank's engine through the DataModule the first time; later DataModules reuse it."""
     global ENGINE
     if ENGINE is None:
-        ENGINE = dm.get_engine()
+        ENGINE = dm.engine
         spy_on(ENGINE)
-    dm.engine = ENGINE
+    dm.attach_engine(ENGINE)
 
 
 # ---------------------------------------------------------------------------------------------- rollout
@@ -124,7 +124,7 @@ def scenario_rollout(args) -> dict:
             responses += [batch.responses[i, : batch.lengths[i]].tolist() for i in range(len(batch))]
         epochs.append({"served": served, "responses": responses})
     # the same prompt with the same sampling seed on both ranks: the engine's per-rank seed must differ
-    same = [dm.generate([0], dm.training_sampling(seed=1234), dm.train_records, dm.train_prompt_ids)
+    same = [dm._generate([0], dm.training_sampling(seed=1234), dm.train_records, dm.train_prompt_ids, False)
             for _ in range(2)]
     same_tokens = [[b.responses[i, : b.lengths[i]].tolist() for i in range(len(b))] for b in same]
 

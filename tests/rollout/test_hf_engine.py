@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.rollout import EOS, PROMPTS, hf_greedy, load_hf, perturb_, reference_logprobs
+from vapo_pl.common import derive_seed
 from vapo_pl.rollout.base import Sampling
-from vapo_pl.rollout.factory import build_engine, derive_seed
+from vapo_pl.rollout.factory import build_engine
 from vapo_pl.rollout.hf_engine import HFEngine
 
 GREEDY = Sampling(n=1, temperature=0.0, max_tokens=24)

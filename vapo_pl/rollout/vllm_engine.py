@@ -38,12 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
 from vapo_pl.common import derive_seed, require_model_dir
+from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
+from vapo_pl.rollout.config import EngineConfig
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 class _QuietWeightSync(logging.Filter):
@@ -99,49 +98,38 @@ class VLLMEngine(RolloutEngine):
 
     Args:
         model_path: directory written by ``save_pretrained`` (weights, config, tokenizer).
-        dtype: weight/activation dtype, ``"auto"`` (from the config), ``"float32"`` or ``"bfloat16"``.
-        max_model_len: prompt + response length limit, in tokens.
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (CUDA only).
-        kv_cache_space_gb: KV-cache size on CPU, whole GiB; sets ``VLLM_CPU_KVCACHE_SPACE`` unless it is
-            already set (the environment wins). Ignored on GPUs.
-        tensor_parallel_size: GPUs per engine replica.
-        enable_sleep_mode: let ``sleep``/``wake_up`` release GPU memory (CUDA only; ignored on CPU).
-        enforce_eager: skip CUDA graphs / ``torch.compile``: faster start, possibly slower decoding. On CPU
-            the compiled start took 45-90 s here on a cold cache (vLLM keys it on the model path).
-        enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the ``n`` samples of a prompt).
-        enable_chunked_prefill: split long prefills across steps; ``None`` = off on CPU (vLLM 0.32 crashes
-            there when a seeded request's prefill is chunked), vLLM's default on GPU.
+        config: the engine options (``EngineConfig``, the same object as ``data.engine``); fields:
+            ``dtype`` (``"auto"`` from the checkpoint, ``"float32"``, ``"bfloat16"``); ``max_model_len``
+            (prompt + response limit; ``None`` = the model's ``max_position_embeddings``);
+            ``gpu_memory_utilization`` (CUDA only); ``kv_cache_space_gb`` (CPU KV cache, whole GiB; sets
+            ``VLLM_CPU_KVCACHE_SPACE`` unless the environment already does); ``tensor_parallel_size``;
+            ``enable_sleep_mode`` (CUDA only; ``sleep``/``wake_up`` are no-ops on CPU); ``enforce_eager``
+            (skip CUDA graphs / ``torch.compile``; ``None`` = eager on CPU, where the compiled start took
+            45-90 s here); ``enable_prefix_caching``; ``enable_chunked_prefill`` (``None`` = off on CPU,
+            where vLLM 0.32 crashes when a seeded request's prefill is chunked, vLLM's default on GPU).
         seed: base seed; the engine is seeded with ``seed + replica``.
         rank: global rank; default ``torch.distributed.get_rank()`` when a process group exists, else 0.
+        **overrides: fields of ``config`` to replace (``VLLMEngine(path, dtype="float32")``).
     """
 
     def __init__(
         self,
         model_path: str | Path,
+        config: EngineConfig | None = None,
         *,
-        dtype: str = "auto",
-        max_model_len: int = 4096,
-        gpu_memory_utilization: float = 0.5,
-        kv_cache_space_gb: int = 4,
-        tensor_parallel_size: int = 1,
-        enable_sleep_mode: bool = False,
-        enforce_eager: bool = False,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool | None = None,
         seed: int = 0,
         rank: int | None = None,
+        **overrides: Any,
     ) -> None:
         path = require_model_dir(model_path)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-        if max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if kv_cache_space_gb < 1 or int(kv_cache_space_gb) != kv_cache_space_gb:
-            raise ValueError(f"kv_cache_space_gb must be a whole number >= 1, got {kv_cache_space_gb}")
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        cfg = (config or EngineConfig(kind="vllm")).with_overrides(**overrides)  # validates every field
+        self.config = cfg
+        tensor_parallel_size = cfg.tensor_parallel_size
+        max_model_len = cfg.max_model_len
+        if max_model_len is None:
+            from transformers import AutoConfig
+
+            max_model_len = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 4096
 
         import torch.distributed as dist
 
@@ -161,23 +149,25 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
-        self.sleep_enabled = enable_sleep_mode and not self.on_cpu
-        if enable_sleep_mode and self.on_cpu:
+        self.sleep_enabled = cfg.enable_sleep_mode and not self.on_cpu
+        if cfg.enable_sleep_mode and self.on_cpu:
             log.info("enable_sleep_mode ignored: vLLM's sleep mode needs CUDA; sleep()/wake_up() are no-ops")
         if self.on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_space_gb)))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cfg.kv_cache_space_gb)))
+        enforce_eager = self.on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
+        chunked = (not self.on_cpu) if cfg.enable_chunked_prefill is None else cfg.enable_chunked_prefill
 
         kwargs: dict[str, Any] = {
             "model": str(path),
-            "dtype": dtype,
+            "dtype": cfg.dtype,
             "max_model_len": max_model_len,
-            "gpu_memory_utilization": gpu_memory_utilization,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
             "tensor_parallel_size": tensor_parallel_size,
             "enforce_eager": enforce_eager,
-            "enable_prefix_caching": enable_prefix_caching,
+            "enable_prefix_caching": cfg.enable_prefix_caching,
             # vLLM 0.32 on CPU crashes ("CPU Generator does not use offset") when a seeded request's prefill is
             # chunked, which happens as soon as a batch's prompts exceed the token budget: off on CPU by default.
-            "enable_chunked_prefill": (not self.on_cpu) if enable_chunked_prefill is None else enable_chunked_prefill,
+            "enable_chunked_prefill": chunked,
             "seed": self.seed,
             "logprobs_mode": "processed_logprobs",
             # Only our SamplingParams count: no defaults (repetition penalty, top-k ...) from the
