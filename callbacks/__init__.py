@@ -1,9 +1,9 @@
-"""Lightning callbacks for RL runs, one concern per module; YAML configs name them ``callbacks.<Class>``."""
+"""Lightning callbacks for RL runs, one concern per module; YAML configs name them ``vapo_pl.callbacks.<Class>``."""
 
-from callbacks.entropy import EntropyTracker
-from callbacks.evaluation import Evaluation
-from callbacks.length import LengthScaling
-from callbacks.samples import SampleLogger
-from callbacks.value_pretraining import ValuePretraining
+from vapo_pl.callbacks.entropy import EntropyTracker
+from vapo_pl.callbacks.evaluation import Evaluation
+from vapo_pl.callbacks.length import LengthScaling
+from vapo_pl.callbacks.samples import SampleLogger
+from vapo_pl.callbacks.value_pretraining import ValuePretraining
 
 __all__ = ["EntropyTracker", "Evaluation", "LengthScaling", "SampleLogger", "ValuePretraining"]

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from callbacks.length import logger_step
+from vapo_pl.callbacks.length import logger_step
 
 TEXT_TAG = "rollout/samples"
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$])")

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from vapo_pl import RolloutDataModule, VAPOModule
-from vapo_pl.rewards import RewardResult
+from vapo_pl.rewards import RewardOutput
 
 
 class ReverseDigits(VAPOModule):
@@ -20,7 +20,7 @@ class ReverseDigits(VAPOModule):
         partial = torch.tensor([sum(a == b for a, b in zip(r, p[::-1])) / len(p)
                                 for r, p in zip(inputs.responses, inputs.prompts)])
         score = ok.float() + 0.5 * partial  # exact match, plus dense credit per right position
-        return RewardResult(scores=score, correct=ok, terms={"exact": ok.float(), "partial": 0.5 * partial})
+        return RewardOutput(scores=score, correct=ok, terms={"exact": ok.float(), "partial": 0.5 * partial})
 
 
 def main(model_dir: str, out_dir: str = "outputs/reverse_digits", max_steps: int = 20) -> pl.Trainer:

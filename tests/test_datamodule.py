@@ -126,3 +126,45 @@ def test_missing_model_dir_is_one_line(prompts, tmp_path):
 def test_all_prompts_too_long_fails_clearly(prompts, tiny_model_dir):
     with pytest.raises(ValueError, match="max_prompt_length"):
         _dm(prompts, tiny_model_dir, max_prompt_length=2)
+
+
+class _Hooked:
+    """A stand-in for the module's two hooks (the DataModule calls only these): a plain-text template, and a
+    reward hook that records what it was given and returns what the test chooses."""
+
+    def __init__(self, reply):
+        self.reply, self.seen = reply, []
+
+    def build_prompt(self, record, tokenizer, template):
+        return f"<q>{record.prompt}</q>"
+
+    def compute_reward(self, inputs, default):
+        self.seen.append(inputs)
+        return self.reply(inputs)
+
+
+def test_reward_input_carries_raw_and_rendered_prompts_and_hook_output_is_completed(prompts, tiny_model_dir):
+    """One reward contract: the hook returns the registered functions' ``RewardOutput``; ``correct`` and ``terms``
+    default as for a registered function; ``prompts`` is the raw question, ``rendered_prompts`` what the policy saw."""
+    import torch as _t
+
+    from vapo_pl.rewards import RewardOutput
+
+    hook = _Hooked(lambda inp: RewardOutput(scores=_t.arange(len(inp), dtype=_t.float32) - 1))
+    dm = _dm(prompts, tiny_model_dir)
+    dm.connect(hook)
+    dm.train_prompt_ids = []
+    dm.setup("fit")  # tokenise again with the hook's template
+    b = dm.next_batch()
+    inp = hook.seen[-1]
+    assert all(q.endswith("+1=?") and "<q>" not in q for q in inp.prompts)
+    assert inp.rendered_prompts == [f"<q>{q}</q>" for q in inp.prompts]
+    assert b.correct.tolist() == (b.scores > 0).tolist() and b.correct.any() and not b.correct.all()
+    assert list(b.reward_terms) == ["_Hooked.compute_reward"]
+
+    hook.reply = lambda inp: {"scores": _t.zeros(len(inp))}
+    with pytest.raises(ValueError, match=r"^_Hooked.compute_reward returned dict, expected RewardOutput$"):
+        dm.next_batch()
+    hook.reply = lambda inp: RewardOutput(scores=_t.zeros(len(inp) + 1))
+    with pytest.raises(ValueError, match=r"_Hooked.compute_reward returned scores of shape \(13,\), expected \(12,\)"):
+        dm.next_batch()

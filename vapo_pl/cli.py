@@ -143,7 +143,7 @@ def _check_batch(algo, prompts: int, samples: int, world: int) -> None:
 
 
 def _check_callbacks(cfg, algo, data) -> None:
-    from callbacks import Evaluation, ValuePretraining
+    from vapo_pl.callbacks import Evaluation, ValuePretraining
 
     for cb in _as_list(_get(cfg, "trainer.callbacks")):
         class_path = str(_get(cb, "class_path", ""))

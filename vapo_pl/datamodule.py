@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from vapo_pl.batch import RolloutBatch
 from vapo_pl.common import derive_seed, max_across_ranks, require_model_dir, world
 from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
-from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm
+from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm, complete_reward
 from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
 from vapo_pl.rollout.config import EngineConfig
 
@@ -453,8 +453,10 @@ class RolloutDataModule(pl.LightningDataModule):
         truncated = torch.tensor([c.truncated for c in comps], dtype=torch.bool)
         group_index = torch.arange(len(idx)).repeat_interleave(n)
         prompts_text = [records[i].prompt for i in sample_prompt]
+        rendered = dict(zip(idx, tok.batch_decode([prompt_ids[i] for i in idx], skip_special_tokens=False)))
         reward_input = RewardInput(
             prompts=prompts_text,
+            rendered_prompts=[rendered[i] for i in sample_prompt],
             responses=texts,
             answers=[records[i].answer for i in sample_prompt],
             group_index=group_index,
@@ -464,9 +466,10 @@ class RolloutDataModule(pl.LightningDataModule):
             metadata=[records[i].extra for i in sample_prompt],
         )
         if self._module is not None and hasattr(self._module, "compute_reward"):
-            result = self._module.compute_reward(reward_input, self.reward_fn)
+            result = complete_reward(self._module.compute_reward(reward_input, self.reward_fn), len(comps),
+                                     f"{type(self._module).__name__}.compute_reward")
         else:
-            result = self.reward_fn(reward_input)
+            result = complete_reward(self.reward_fn(reward_input), len(comps), "reward")
         pad = self._pad_id()
         prompt_t = pad_sequence([torch.tensor(prompt_ids[i]) for i in sample_prompt], batch_first=True,
                                 padding_value=pad, padding_side="left")

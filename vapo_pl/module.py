@@ -41,7 +41,7 @@ from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, wo
 from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel
 from vapo_pl.prompts import PromptRecord, render_prompt
-from vapo_pl.rewards.base import RewardInput, RewardResult
+from vapo_pl.rewards.base import RewardInput, RewardOutput
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,9 @@ class VAPOModule(pl.LightningModule):
         """The text the policy sees for one problem. Default: the DataModule's template."""
         return render_prompt(tokenizer, record.prompt, template)
 
-    def compute_reward(self, inputs: RewardInput, default: Any) -> RewardResult:
-        """Score a batch of responses. Default: the DataModule's reward terms (``default``)."""
+    def compute_reward(self, inputs: RewardInput, default: Any) -> RewardOutput:
+        """Score a batch of responses; the same ``RewardOutput`` a registered reward function returns (``correct``
+        defaults to ``scores > 0``, ``terms`` to one term). Default: the DataModule's reward terms (``default``)."""
         return default(inputs)
 
     def build_actor(self) -> nn.Module:

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from callbacks.entropy import EntropyTracker
-from callbacks.evaluation import Evaluation
-from callbacks.length import _gather_columns
+from vapo_pl.callbacks.entropy import EntropyTracker
+from vapo_pl.callbacks.evaluation import Evaluation
+from vapo_pl.callbacks.length import _gather_columns
 from tests.callbacks._helpers import make_rollout
 
 K = 3

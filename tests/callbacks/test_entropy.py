@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from callbacks.entropy import FORKING_ENTROPY_NATS, LOW_ENTROPY_NATS, EntropyTracker, entropy_sums
+from vapo_pl.callbacks.entropy import FORKING_ENTROPY_NATS, LOW_ENTROPY_NATS, EntropyTracker, entropy_sums
 from tests.callbacks._helpers import make_rollout, read_events, run_trainer, scalars
 
 NAN = float("nan")

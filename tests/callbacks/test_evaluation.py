@@ -19,7 +19,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.evaluation import Evaluation, maj_at_k, pass_at_k
+from vapo_pl.callbacks.evaluation import Evaluation, maj_at_k, pass_at_k
 from tests.callbacks._helpers import read_events, scalars
 
 
@@ -293,7 +293,7 @@ def test_trainer_evaluates_at_start_every_n_and_at_end(tmp_path, tiny_model_dir,
 
 
 def test_summary_reports_first_and_last_evaluation():
-    from callbacks.evaluation import Evaluation
+    from vapo_pl.callbacks.evaluation import Evaluation
 
     cb = Evaluation(every_n_steps=5, name="heldout", samples_per_prompt=4)
     cb.history = [{"step": 0, "eval/heldout_mean@4": 0.25, "eval/heldout_pass@4": 0.5},

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from callbacks.length import HISTOGRAM_TAG, LengthScaling, least_squares_slope, length_stats
+from vapo_pl.callbacks.length import HISTOGRAM_TAG, LengthScaling, least_squares_slope, length_stats
 from tests.callbacks._helpers import make_rollout, read_events, run_trainer, scalars
 
 

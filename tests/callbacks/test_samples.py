@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.samples import TEXT_TAG, SampleLogger, markdown_escape, pick_samples
+from vapo_pl.callbacks.samples import TEXT_TAG, SampleLogger, markdown_escape, pick_samples
 from tests.callbacks._helpers import make_rollout, read_events, run_trainer
 
 

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from callbacks import ValuePretraining
+from vapo_pl.callbacks import ValuePretraining
 
 
 def test_threshold_mode_stops_when_good_enough_and_respects_the_cap(make_run):

@@ -60,20 +60,44 @@ def test_scores_deterministic_and_response_dependent(rm_dir):
     )
 
 
-def test_score_is_the_models_logit_on_prompt_plus_response(rm_dir):
+def _expected(rm_dir, texts):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    inputs = make_inputs(RESPONSES[:2])
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(rm_dir)
     with torch.no_grad():
-        expected = [
-            model(**tokenizer(p + r, return_tensors="pt")).logits[0, 0].item()
-            for p, r in zip(inputs.prompts, inputs.responses)
-        ]
-    torch.testing.assert_close(
-        reward_model(inputs, path=rm_dir).scores, torch.tensor(expected), atol=1e-5, rtol=0
-    )
+        return torch.tensor([model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts])
+
+
+def test_score_is_the_models_logit_on_its_own_chat_rendering(rm_dir):
+    """With a chat template, the reward model reads (user: raw question, assistant: response) in its own template,
+    whatever template the policy's prompt used."""
+    inputs = make_inputs(RESPONSES[:2])
+    inputs.rendered_prompts = [f"<policy template> {p}" for p in inputs.prompts]  # must not be read
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    assert tok.chat_template
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": r}],
+                                     tokenize=False) for q, r in zip(inputs.prompts, inputs.responses)]
+    assert all(q in t and r in t and "<policy template>" not in t for q, r, t in
+               zip(inputs.prompts, inputs.responses, texts))
+    torch.testing.assert_close(reward_model(inputs, path=rm_dir).scores, _expected(rm_dir, texts), atol=1e-5, rtol=0)
+
+
+def test_without_a_chat_template_it_reads_the_rendered_prompt_and_response(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = _build(tmp_path / "plain")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = None
+    tok.save_pretrained(path)
+    (tmp_path / "plain" / "chat_template.jinja").unlink(missing_ok=True)
+    assert not AutoTokenizer.from_pretrained(path).chat_template
+    inputs = make_inputs(RESPONSES[:2])
+    inputs.rendered_prompts = [f"<user>{p}<assistant>" for p in inputs.prompts]
+    texts = [p + r for p, r in zip(inputs.rendered_prompts, inputs.responses)]
+    torch.testing.assert_close(reward_model(inputs, path=path).scores, _expected(path, texts), atol=1e-5, rtol=0)
 
 
 def test_truncation_keeps_the_end(rm_dir):

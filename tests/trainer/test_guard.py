@@ -98,7 +98,7 @@ def test_bad_guard_settings_name_the_field():
 
 def test_value_pretraining_skips_bad_batches_too(make_run):
     """A bad reward during value pretraining skips that critic update; the run of them stops in one line."""
-    from callbacks import ValuePretraining
+    from vapo_pl.callbacks import ValuePretraining
 
     vp = ValuePretraining(steps=5)
     module, dm, trainer = make_run(module_cls=poisoned({0}, math.nan), trainer=dict(max_steps=1, callbacks=[vp]))

@@ -135,7 +135,7 @@ def test_dapo_dynamic_sampling_and_overlong(make_run):
 
 
 def test_value_pretraining_then_rl(make_run, tmp_path):
-    from callbacks import ValuePretraining
+    from vapo_pl.callbacks import ValuePretraining
 
     vp = ValuePretraining(steps=3, save_path=str(tmp_path / "critic.pt"))
     rec = Recorder()

@@ -16,7 +16,7 @@ def _losses(rec):
 
 
 def test_resume_gives_identical_losses(make_run, tmp_path):
-    from callbacks import LengthScaling, ValuePretraining
+    from vapo_pl.callbacks import LengthScaling, ValuePretraining
 
     straight = Recorder()
     module, dm, trainer = make_run(trainer=dict(max_steps=4, callbacks=[straight, ValuePretraining(steps=1)]))

@@ -13,6 +13,7 @@ from vapo_pl.rewards.base import (
     RewardOutput,
     RewardResult,
     RewardTerm,
+    complete_reward,
     resolve_reward_fn,
 )
 from vapo_pl.rewards.extraction import Extracted, extract_answer, normalize_answer
@@ -25,6 +26,7 @@ __all__ = [
     "RewardOutput",
     "RewardResult",
     "RewardTerm",
+    "complete_reward",
     "extract_answer",
     "normalize_answer",
     "resolve_reward_fn",

@@ -32,10 +32,13 @@ class RewardInput:
     """One rollout batch of ``B`` samples, as the reward functions see it.
 
     Samples of the same prompt share a ``group_index`` (GRPO/TTRL groups); they need not be
-    contiguous. Strings are the decoded prompt and response, special tokens removed.
+    contiguous. ``prompts`` are the raw questions from the data file; ``rendered_prompts`` the text the
+    policy was given (chat template or format string applied, special tokens kept), so
+    ``rendered_prompts[i] + responses[i]`` is the conversation as the policy produced it. Responses are
+    decoded with special tokens removed.
     """
 
-    prompts: list[str]  # B prompt texts (chat template applied)
+    prompts: list[str]  # B raw questions (the data file's prompt field)
     responses: list[str]  # B response texts
     answers: list[str | None]  # B gold answers; None where the row is unlabeled
     group_index: Tensor  # (B,) long, samples of the same prompt share an index
@@ -43,12 +46,15 @@ class RewardInput:
     truncated: Tensor  # (B,) bool, stopped at max_response_length rather than EOS
     max_response_length: int  # the sampler's max_tokens
     metadata: list[dict[str, Any]] = field(default_factory=list)  # B dicts of extra dataset fields
+    rendered_prompts: list[str] | None = None  # B prompts as the policy saw them; default: ``prompts``
 
     def __post_init__(self) -> None:
         b = len(self.responses)
         if not self.metadata:
             self.metadata = [{} for _ in range(b)]
-        for name in ("prompts", "answers", "metadata"):
+        if self.rendered_prompts is None:
+            self.rendered_prompts = list(self.prompts)
+        for name in ("prompts", "rendered_prompts", "answers", "metadata"):
             if len(getattr(self, name)) != b:
                 raise ValueError(
                     f"RewardInput.{name} has {len(getattr(self, name))} entries, responses has {b}"
@@ -73,23 +79,39 @@ class RewardInput:
 
 @dataclass
 class RewardOutput:
-    """What one reward function returns for a batch of ``B`` samples."""
+    """What a reward function, the composite and the module's ``compute_reward`` hook all return for a batch
+    of ``B`` samples (one type end to end)."""
 
     scores: Tensor  # (B,) float
-    correct: Tensor | None = None  # (B,) bool, only from functions that judge correctness
+    correct: Tensor | None = None  # (B,) bool, only from functions that judge correctness; default scores > 0
     extracted: list[str | None] | None = None  # B final answers as extracted, None where absent
     stats: dict[str, float] = field(default_factory=dict)  # batch-level metrics, e.g. "ttrl/label_accuracy"
+    terms: dict[str, Tensor] = field(default_factory=dict)  # term name -> (B,) weighted score; logged as reward/<name>
 
 
-@dataclass
-class RewardResult:
-    """The composite's output: total score plus each weighted term for logging."""
+RewardResult = RewardOutput  # the former name of the composite's output; the same type
 
-    scores: Tensor  # (B,) float, sum of the weighted terms
-    correct: Tensor  # (B,) bool, from the first term that judges correctness, else scores > 0
-    terms: dict[str, Tensor]  # term name -> (B,) weighted score; logged as reward/<name>
-    extracted: list[str | None] | None = None  # from the first term that extracts answers
-    stats: dict[str, float] = field(default_factory=dict)  # union of the terms' stats
+
+def complete_reward(out: Any, b: int, source: str) -> RewardOutput:
+    """Check ``out`` (from ``source``) is a ``RewardOutput`` for ``b`` samples and fill what a rollout batch needs:
+    ``correct`` (default ``scores > 0``) and ``terms`` (default one term named after ``source``). One-line errors."""
+    if not isinstance(out, RewardOutput):
+        raise ValueError(f"{source} returned {type(out).__name__}, expected RewardOutput")
+    scores = out.scores
+    if not isinstance(scores, Tensor) or scores.shape != (b,):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"{source} returned scores of shape {got}, expected ({b},)")
+    scores = scores.detach().to(torch.float32).cpu()
+    correct = scores > 0 if out.correct is None else out.correct.detach().to(torch.bool).cpu()
+    if correct.shape != (b,):
+        raise ValueError(f"{source} returned correct of shape {tuple(correct.shape)}, expected ({b},)")
+    terms = {k: v.detach().to(torch.float32).cpu() for k, v in out.terms.items()} or {source: scores}
+    for name, t in terms.items():
+        if t.shape != (b,):
+            raise ValueError(f"{source} returned term {name!r} of shape {tuple(t.shape)}, expected ({b},)")
+    if out.extracted is not None and len(out.extracted) != b:
+        raise ValueError(f"{source} returned {len(out.extracted)} extracted answers, expected {b}")
+    return RewardOutput(scores=scores, correct=correct, extracted=out.extracted, stats=dict(out.stats), terms=terms)
 
 
 def resolve_reward_fn(name_or_path: str) -> Callable[..., RewardOutput]:
@@ -168,7 +190,7 @@ class CompositeReward:
             except ValueError:  # builtins without a signature: checked at call time
                 pass
 
-    def __call__(self, inputs: RewardInput) -> RewardResult:
+    def __call__(self, inputs: RewardInput) -> RewardOutput:
         b = len(inputs)
         total = torch.zeros(b, dtype=torch.float32)
         terms: dict[str, Tensor] = {}
@@ -197,7 +219,7 @@ class CompositeReward:
             stats.update(out.stats)
         if correct is None:
             correct = total > 0
-        return RewardResult(scores=total, correct=correct, terms=terms, extracted=extracted, stats=stats)
+        return RewardOutput(scores=total, correct=correct, terms=terms, extracted=extracted, stats=stats)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{t.weight:g}*{t.name}" for t in self.terms)

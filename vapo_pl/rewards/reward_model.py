@@ -1,8 +1,10 @@
 """``reward_model``: a learned scalar reward from a Hugging Face sequence-classification checkpoint.
 
 The model (e.g. a ``Qwen2ForSequenceClassification`` with ``num_labels=1`` trained with the
-Bradley-Terry loss ``-log sigmoid(r_w - r_l)``) reads ``prompt + response`` and its single logit
-at the last non-padding token is the score. It is loaded once per (path, device, dtype) and kept.
+Bradley-Terry loss ``-log sigmoid(r_w - r_l)``) reads the conversation and its single logit at the last
+non-padding token is the score. The conversation is rendered with the reward model's own chat template
+(user: the raw question, assistant: the response) when its tokenizer has one, as it was trained; otherwise
+it is the prompt exactly as the policy saw it followed by the response. It is loaded once per (path, device, dtype) and kept.
 Over-long texts are cut from the left so the end of the response, where the answer is, stays.
 """
 
@@ -42,6 +44,16 @@ def load_reward_model(path: str, device: str, dtype: str):
     return model.to(device).eval(), tokenizer
 
 
+def conversation_texts(inputs: RewardInput, tokenizer) -> list[str]:
+    """What the reward model reads for each sample: its chat template over (question, response) if it has one,
+    else the policy's rendered prompt followed by the response."""
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": r}],
+                                              tokenize=False)
+                for q, r in zip(inputs.prompts, inputs.responses)]
+    return [p + r for p, r in zip(inputs.rendered_prompts, inputs.responses)]
+
+
 @REWARD_FUNCTIONS.register("reward_model")
 def reward_model(
     inputs: RewardInput,
@@ -52,10 +64,10 @@ def reward_model(
     device: str | None = None,
     dtype: str = "float32",
 ) -> RewardOutput:
-    """The reward model's scalar score of each ``prompt + response``.
+    """The reward model's scalar score of each conversation (see ``conversation_texts``).
 
     Args:
-        inputs: the batch; uses ``prompts`` and ``responses``.
+        inputs: the batch; uses ``prompts`` (or ``rendered_prompts``) and ``responses``.
         path: directory of a ``save_pretrained`` sequence-classification checkpoint and tokenizer.
         batch_size: texts per forward pass.
         max_length: tokens per text; longer texts keep their last ``max_length`` tokens.
@@ -73,7 +85,7 @@ def reward_model(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_reward_model(os.path.abspath(path), device, dtype)
-    texts = [p + r for p, r in zip(inputs.prompts, inputs.responses)]
+    texts = conversation_texts(inputs, tokenizer)
     scores = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
