@@ -77,6 +77,8 @@ NOT_EQUIVALENT = [
     ("(1, 2)", "[1, 2]"),
     ("-5", "5"),
     ("\\text{PWNED}", "5"),
+    # wrapped in \boxed{} both sides parsed to their last number (2/3) and verified equal
+    ("\\frac{1}{3} E_{1}+\\frac{2}{3} E_{2}", "\\frac{4}{3} E_{1}+\\frac{2}{3} E_{2}"),
 ]
 
 
@@ -138,3 +140,21 @@ def test_bad_arguments():
     bad_meta = make_inputs(["\\boxed{1}"], ["1"], metadata=[{"percent_equivalence": "no"}])
     with pytest.raises(ValueError, match="metadata\\[0\\]\\['percent_equivalence'\\]"):
         math_verify(bad_meta)
+    with pytest.raises(ValueError, match="warn_unverified_share must be in"):
+        math_verify(ok, warn_unverified_share=1.5)
+    with pytest.raises(ValueError, match="timeout_s must be a positive"):
+        math_verify(ok, budget_s=-1)
+
+
+def test_budget_scores_the_rest_zero_and_says_so(caplog):
+    """Two slow-to-parse answers hold the grading past a 0.5 s budget: they score 0, the share is logged as
+    ``math_verify/budget_frac``, and one warning line names it."""
+    slow = "\\boxed{9^{9^{9^{9}}}}"
+    inputs = make_inputs([slow, slow.replace("9}}}}", "8}}}}"), "\\boxed{1}"], ["1", "1", "1"])
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        out = math_verify(inputs, timeout_s=2.0, budget_s=0.5, num_workers=1)
+    assert time.perf_counter() - t0 < 2.0
+    assert out.scores.tolist() == [0.0, 0.0, 0.0] and out.stats["math_verify/budget_frac"] == 1.0
+    assert [r.getMessage() for r in caplog.records if "went unverified" in r.getMessage()] == [
+        "math_verify: 3 of 3 samples went unverified (0 timed out or crashed, 3 past the 0.5 s budget) and scored 0"]

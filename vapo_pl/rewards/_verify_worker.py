@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -96,8 +97,11 @@ def main() -> None:
 
     @lru_cache(maxsize=4096)
     def parsed(text: str, percent_equivalence: bool) -> tuple:
-        # The text is wrapped in \boxed{} so the whole string is one LaTeX answer.
-        out = parse("\\boxed{" + text + "}", configs, parsing_timeout=None)
+        # The text is wrapped in $...$ so the whole string is one LaTeX answer. Not in \boxed{}: for a boxed
+        # answer math-verify keeps the last number it finds as a candidate, so "\frac{4}{3} E_{1}+\frac{2}{3} E_{2}"
+        # and "\frac{1}{3} E_{1}+\frac{2}{3} E_{2}" both became 2/3 and verified equal.
+        wrapped = text if re.search(r"(?<!\\)\$", text) else "$" + text + "$"
+        out = parse(wrapped, configs, parsing_timeout=None)
         if not percent_equivalence:
             # math-verify reads "50\%" as 50 * (1/100) and accepts both 50 and 0.5 for it; strictly
             # a percent is a number divided by 100, so evaluate it: then 50\% == 0.5 != 50.

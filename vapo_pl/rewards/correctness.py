@@ -11,7 +11,11 @@ extracted answer. It runs in worker processes (``verifier.py``) with an in-worke
 ``timeout_s`` and a hard kill at ``timeout_s + 0.5 s``, so the bound holds in any thread and
 against C-level hangs; the string pre-processing (tail truncation, brace-depth cap of 20, answers
 of at most 1,000 characters) keeps the usual case at about a millisecond. A sample that times out
-or crashes its worker scores 0 and is counted in ``math_verify/timeout_frac``.
+or crashes its worker twice scores 0 and is counted in ``math_verify/timeout_frac`` (a worker that dies
+during a job is replaced and the job retried once). ``budget_s`` bounds the grading of a whole batch: what
+is not graded when it is spent scores 0, is counted in ``math_verify/budget_frac`` and said in one line.
+When more than ``warn_unverified_share`` of a batch went unverified (timeout, crash, budget), one warning
+line says so.
 
 Percent: with ``percent_equivalence=False`` (default) a percent is a number divided by 100, so
 ``50\\%`` equals ``0.5`` and not ``50``; with ``True`` (the task says the percent sign may be
@@ -21,6 +25,7 @@ dropped) ``50\\%`` equals both ``50`` and ``0.5``. A dataset row can set it per 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -28,6 +33,8 @@ import torch
 from vapo_pl.rewards.base import REWARD_FUNCTIONS, RewardInput, RewardOutput
 from vapo_pl.rewards.extraction import MAX_ANSWER_CHARS, MAX_DEPTH, TAIL_CHARS, extract_answer
 from vapo_pl.rewards.verifier import Failed, get_pool
+
+log = logging.getLogger(__name__)
 
 
 def check_timeout(timeout_s: float) -> float:
@@ -47,14 +54,15 @@ def check_positive_int(name: str, value: int) -> int:
 
 
 def grade_answers(
-    items: list[tuple[str, str, bool]], *, timeout_s: float, num_workers: int | None = None
+    items: list[tuple[str, str, bool]], *, timeout_s: float, num_workers: int | None = None,
+    budget_s: float | None = None,
 ) -> list[bool | Failed]:
     """``verify(gold, pred)`` for each ``(pred, gold, percent_equivalence)``, in worker processes.
 
     Identical items are graded once (samples of one prompt often agree).
     """
     unique = list(dict.fromkeys(items))
-    results = get_pool(num_workers).run([("grade", list(item)) for item in unique], timeout_s)
+    results = get_pool(num_workers).run([("grade", list(item)) for item in unique], timeout_s, budget_s=budget_s)
     by_item = dict(zip(unique, results))
     return [by_item[item] for item in items]
 
@@ -77,6 +85,8 @@ def math_verify(
     timeout_s: float = 2.0,
     percent_equivalence: bool = False,
     num_workers: int | None = None,
+    budget_s: float | None = 120.0,
+    warn_unverified_share: float = 0.05,
     tail_chars: int = TAIL_CHARS,
     max_answer_chars: int = MAX_ANSWER_CHARS,
     max_depth: int = MAX_DEPTH,
@@ -87,14 +97,21 @@ def math_verify(
         inputs: the batch; ``inputs.answers`` must all be set (use ``ttrl`` for unlabeled data).
         timeout_s: per-sample verification bound in seconds (hard kill 0.5 s later).
         percent_equivalence: whether ``50\\%`` may equal ``50`` (see the module docstring).
-        num_workers: verifier processes (default: CPU count, at most 8).
+        num_workers: verifier processes (default: the cores of this process, shared among the node's ranks).
+        budget_s: seconds for grading the whole batch; what is left when it is spent scores 0 (None: no bound).
+        warn_unverified_share: warn in one line when more than this share of the batch went unverified.
         tail_chars, max_answer_chars, max_depth: extraction bounds (see ``extraction.py``).
 
     Returns:
         scores (B,) float in {0, 1}; correct (B,) bool; extracted answer texts; stats
-        ``math_verify/answered_frac`` and ``math_verify/timeout_frac``.
+        ``math_verify/answered_frac``, ``math_verify/timeout_frac`` and ``math_verify/budget_frac``.
     """
     timeout_s = check_timeout(timeout_s)
+    if budget_s is not None:
+        budget_s = check_timeout(budget_s)
+    if isinstance(warn_unverified_share, bool) or not isinstance(warn_unverified_share, (int, float)) \
+            or not 0 <= warn_unverified_share <= 1:
+        raise ValueError(f"warn_unverified_share must be in [0, 1], got {warn_unverified_share!r}")
     for name, value in (
         ("tail_chars", tail_chars),
         ("max_answer_chars", max_answer_chars),
@@ -123,12 +140,17 @@ def math_verify(
         [(texts[i], inputs.answers[i].strip(), flags[i]) for i in todo],
         timeout_s=timeout_s,
         num_workers=num_workers,
+        budget_s=budget_s,
     )
     correct = torch.zeros(b, dtype=torch.bool)
-    timeouts = 0
+    timeouts = over_budget = 0
     for i, result in zip(todo, graded):
         correct[i] = result is True
         timeouts += isinstance(result, Failed) and result.reason in ("timeout", "crashed")
+        over_budget += isinstance(result, Failed) and result.reason == "budget"
+    if b and (timeouts + over_budget) / b > warn_unverified_share:
+        log.warning("math_verify: %d of %d samples went unverified (%d timed out or crashed, %d past the %s s "
+                    "budget) and scored 0", timeouts + over_budget, b, timeouts, over_budget, budget_s)
     return RewardOutput(
         scores=correct.to(torch.float32),
         correct=correct,
@@ -136,5 +158,6 @@ def math_verify(
         stats={
             "math_verify/answered_frac": len(todo) / max(b, 1),
             "math_verify/timeout_frac": timeouts / max(b, 1),
+            "math_verify/budget_frac": over_budget / max(b, 1),
         },
     )

@@ -134,7 +134,7 @@ def ttrl(
             per pseudo-label when grading it against gold.
         percent_equivalence: as in ``math_verify``.
         equivalence: "math_verify" (string normalisation, then math-verify merge) or "string".
-        num_workers: verifier processes (default: CPU count, at most 8).
+        num_workers: verifier processes (default: the cores of this process, shared among the node's ranks).
         tail_chars, max_answer_chars, max_depth: extraction bounds (see ``extraction.py``).
 
     Returns:

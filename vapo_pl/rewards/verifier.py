@@ -6,7 +6,10 @@ computes a big integer in C). So each job runs in a child process (``_verify_wor
 in-child ``setitimer`` alarm of ``timeout_s``; if the child has not answered ``KILL_GRACE_S``
 after that, the parent kills it, counts the job as failed and starts a replacement. A job thus
 never holds the caller longer than ``timeout_s + KILL_GRACE_S``, from any thread, and a crash or a
-memory blow-up (the child has a 2 GiB address-space limit) stays in the child.
+memory blow-up (the child has a 2 GiB address-space limit) stays in the child. A job whose worker died
+(killed from outside, out of memory) is retried once on the replacement worker; a job that timed out is not
+(it would time out again). ``budget_s`` bounds a whole ``run``: when it is spent, the jobs not finished yet
+fail with reason "budget", so slow-to-parse outputs cannot stall a training step for minutes.
 
 Only short strings cross the pipe: the answer extracted by ``extraction.py`` (at most a thousand
 characters) and the gold answer. Workers are plain ``python -P`` subprocesses speaking JSON
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
+import math
 import os
 import select
 import subprocess
@@ -33,9 +38,12 @@ WORKER_SCRIPT = Path(__file__).with_name("_verify_worker.py")
 KILL_GRACE_S = 0.5  # after the in-child alarm, how long before the parent kills the child
 START_TIMEOUT_S = 120.0  # a worker that is not ready by then is broken, not slow
 
+log = logging.getLogger(__name__)
+
 
 class Failed:
-    """A job that did not produce a result: ``reason`` is "timeout", "crashed" or an exception name."""
+    """A job that did not produce a result: ``reason`` is "timeout", "crashed" (its worker died twice),
+    "budget" (the run's time budget was spent first) or an exception name."""
 
     __slots__ = ("reason",)
 
@@ -105,15 +113,19 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.restarts = 0  # workers replaced after a timeout or crash, for diagnostics
+        self.retried = 0  # jobs run again because their worker died
         atexit.register(self.close)
 
-    def run(self, jobs: list[tuple[str, list[Any]]], timeout_s: float) -> list[Any]:
+    def run(self, jobs: list[tuple[str, list[Any]]], timeout_s: float, budget_s: float | None = None) -> list[Any]:
         """Run ``(op, args)`` jobs (ops of ``_verify_worker``); one result or ``Failed`` per job.
 
-        Each job is bounded by ``timeout_s`` in the child and ``timeout_s + KILL_GRACE_S`` here.
+        Each job is bounded by ``timeout_s`` in the child and ``timeout_s + KILL_GRACE_S`` here; the whole call
+        by ``budget_s`` (plus ``KILL_GRACE_S``) when given.
         """
         if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < float("inf")):
             raise ValueError(f"timeout_s must be a positive finite number, got {timeout_s!r}")
+        if budget_s is not None and not (isinstance(budget_s, (int, float)) and 0 < budget_s < float("inf")):
+            raise ValueError(f"budget_s must be None or a positive finite number, got {budget_s!r}")
         if not jobs:
             return []
         with self._lock:
@@ -121,13 +133,29 @@ class VerifierPool:
                 self._workers, self._pid = [], os.getpid()
             while len(self._workers) < min(self.num_workers, len(jobs)):
                 self._workers.append(_Worker())
-            return self._run(jobs, float(timeout_s))
+            return self._run(jobs, float(timeout_s), math.inf if budget_s is None else float(budget_s))
 
-    def _run(self, jobs: list[tuple[str, list[Any]]], timeout_s: float) -> list[Any]:
+    def _run(self, jobs: list[tuple[str, list[Any]]], timeout_s: float, budget_s: float) -> list[Any]:
         results: list[Any] = [None] * len(jobs)
         pending = deque(range(len(jobs)))
         remaining = len(jobs)
+        self._retry: deque[int] = deque()  # jobs whose worker died, to run once more
+        self._retried_jobs: set[int] = set()
+        end = time.monotonic() + budget_s
+        timeouts = 0
         while remaining:
+            while self._retry:
+                pending.appendleft(self._retry.pop())
+            if time.monotonic() > end:
+                unfinished = [w.job for w in self._workers if w.job is not None] + list(pending)
+                for w in self._workers:
+                    if w.job is not None:
+                        self._replace(w)
+                for j in unfinished:
+                    results[j] = Failed("budget")
+                log.warning("math-verify: the grading budget of %.0f s was spent; %d of %d jobs not graded "
+                            "(scored as unverified)", budget_s, len(unfinished), len(jobs))
+                break
             for w in self._workers:
                 if w.ready and w.job is None and pending:
                     j = pending.popleft()
@@ -140,7 +168,7 @@ class VerifierPool:
             if not watched:
                 continue
             wait = (
-                min(w.deadline if w.ready else w.started + START_TIMEOUT_S for w in watched)
+                min(min(w.deadline if w.ready else w.started + START_TIMEOUT_S for w in watched), end)
                 - time.monotonic()
             )
             readable, _, _ = select.select([w.fd for w in watched], [], [], max(0.0, wait))
@@ -152,10 +180,14 @@ class VerifierPool:
                 if w.ready and w.job is not None and now > w.deadline:
                     results[w.job] = Failed("timeout")
                     remaining -= 1
+                    timeouts += 1
                     self._replace(w)
                 elif not w.ready and now > w.started + START_TIMEOUT_S:
                     self._discard(w)
                     raise RuntimeError(f"math-verify worker not ready after {START_TIMEOUT_S:.0f} s")
+        if timeouts:
+            log.warning("math-verify: %d of %d jobs ran past %.1f s and were stopped; their workers were replaced",
+                        timeouts, len(jobs), timeout_s)
         return results
 
     def _receive(self, w: _Worker, results: list[Any]) -> int:
@@ -169,8 +201,21 @@ class VerifierPool:
                     f"math-verify worker exited during start-up (exit code {code}); "
                     f"check that math-verify imports under {sys.executable}"
                 )
-            results[w.job] = Failed("crashed")
+            job, code = w.job, w.proc.poll()
             self._replace(w)
+            if job is None:  # died between jobs: nothing lost
+                log.warning("math-verify worker died while idle (exit code %s); replaced", code)
+                return 0
+            if job not in self._retried_jobs:
+                self._retried_jobs.add(job)
+                self._retry.append(job)
+                self.retried += 1
+                log.warning("math-verify worker died during a job (exit code %s); replaced, the job is retried",
+                            code)
+                return 0
+            log.warning("math-verify worker died again on the same job (exit code %s); it is scored unverified",
+                        code)
+            results[job] = Failed("crashed")
             return 1
         finished = 0
         for line in lines:
@@ -188,6 +233,7 @@ class VerifierPool:
         self._workers.remove(w)
 
     def _replace(self, w: _Worker) -> None:
+        w.job = None
         w.kill()
         self.restarts += 1
         self._workers[self._workers.index(w)] = _Worker()
@@ -209,11 +255,17 @@ _POOLS_LOCK = threading.Lock()
 
 
 def default_num_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """The cores this process may use, shared among the node's ranks (``LOCAL_WORLD_SIZE``)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local_ranks)
 
 
 def get_pool(num_workers: int | None = None) -> VerifierPool:
-    """The process-wide pool with ``num_workers`` workers (default: CPU count, at most 8)."""
+    """The process-wide pool with ``num_workers`` workers (default: ``default_num_workers()``)."""
     n = default_num_workers() if num_workers is None else num_workers
     with _POOLS_LOCK:
         if n not in _POOLS:
