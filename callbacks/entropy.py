@@ -14,16 +14,15 @@ Logged (all ranks' tokens together): ``actor/entropy_mean``, ``actor/entropy_low
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-
 from torch import Tensor
 
+from vapo_pl.common import publish_metrics
 from vapo_pl.common import sum_across_ranks as _sum_across_ranks
 
 # Wang et al. 2025 (arXiv 2506.01939): the median token is below 0.01 nats, the 80th percentile is 0.672.
@@ -92,7 +91,6 @@ class EntropyTracker(pl.Callback):
         self.patience = patience
         self.steps_below = 0  # consecutive steps with the mean below collapse_threshold
         self.warned = False  # already warned in the current collapse episode
-        self._logged = False  # logged at least once in this process
 
     def compute(self, entropy: Tensor, mask: Tensor) -> dict[str, float] | None:
         """The logged metrics over every rank's tokens; None when no rank has a response token."""
@@ -122,14 +120,8 @@ class EntropyTracker(pl.Callback):
         if isinstance(outputs, Mapping) and outputs.get("entropy") is not None and outputs.get("rollout") is not None:
             metrics = self.compute(outputs["entropy"], outputs["rollout"].response_mask)
         if metrics is None:
-            # Lightning re-sends a step's last logged value at every later step of the epoch, so a step
-            # without entropy logs NaN rather than silently repeating the previous step's numbers.
-            if self._logged:
-                pl_module.log_dict(dict.fromkeys(METRIC_NAMES, math.nan), on_step=True, on_epoch=False,
-                                   batch_size=1)
             return
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self._logged = True
+        publish_metrics(trainer, metrics, trainer.global_step)
         self.update_collapse(metrics["actor/entropy_mean"], trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vapo_pl.common import derive_seed
+from vapo_pl.common import derive_seed, publish_metrics
 from vapo_pl.common import sum_across_ranks as _sum_across_ranks
 from vapo_pl.common import world as _world
 from vapo_pl.rollout.base import Sampling
@@ -258,8 +258,15 @@ class Evaluation(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if trainer.global_step == 0 and self.due(0):  # the initial policy, before the first rollout
+            self._run(trainer, 0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Right after step s's weight sync, before ModelCheckpoint (Lightning runs it last) saves step s: the
+        # evaluation of the policy after s updates is then part of checkpoint s, and a resumed run never redoes it.
         step = trainer.global_step
-        if self.due(step):
+        if step > 0 and self.due(step):
             self._run(trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,14 +300,9 @@ class Evaluation(pl.Callback):
 
     @staticmethod
     def publish(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-        """Write to the loggers at ``step`` and expose to ``ModelCheckpoint(monitor=...)``.
-
-        Not ``self.log``: Lightning re-sends an on-step value at every later step of the epoch, which would
-        draw an evaluation at every step; and ``self.log`` is refused in ``on_train_end``.
-        """
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        """Write to the loggers at ``step`` and expose to ``ModelCheckpoint(monitor=...)`` (``publish_metrics``;
+        ``self.log`` is refused in ``on_train_end``)."""
+        publish_metrics(trainer, metrics, step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h) for h in self.history]}

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from vapo_pl.common import publish_metrics
+
 HISTOGRAM_TAG = "rollout/response_length"
 
 
@@ -81,9 +83,9 @@ def _gather_columns(x: Tensor) -> Tensor:
 
 
 def logger_step(trainer: pl.Trainer) -> int:
-    """The step Lightning gives ``self.log`` values, so histograms line up with the scalars
-    (Lightning's own ``LearningRateMonitor`` logs at the same counter)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    """The x axis of every per-step metric: the RL step just completed (``trainer.global_step``, which
+    ``VAPOModule`` pins to RL steps). The module's own metrics are written at the same step."""
+    return trainer.global_step
 
 
 class LengthScaling(pl.Callback):
@@ -124,7 +126,7 @@ class LengthScaling(pl.Callback):
         slope = self.slope()
         if slope is not None:
             metrics["rollout/length_slope"] = slope
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        publish_metrics(trainer, metrics, step)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -17,7 +17,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-
 from vapo_pl.callbacks.length import logger_step
 
 TEXT_TAG = "rollout/samples"

@@ -98,3 +98,18 @@ def _fp32_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
     with torch.autocast(device_type=x.device.type, enabled=False):
         bias = None if self.bias is None else self.bias.float()
         return torch.nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def publish_metrics(trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to the trainer's loggers at ``step`` and expose them as callback metrics (for
+    ``ModelCheckpoint(monitor=...)``). Every per-step metric of the project goes through this, at the RL step
+    just completed, so all curves share one x axis and a resumed run can purge exactly the steps it redoes.
+
+    Not ``LightningModule.log``: Lightning writes those at its own batch counter (one behind the RL step here)
+    and re-sends an on-step value at later steps of the epoch.
+    """
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+

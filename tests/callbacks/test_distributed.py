@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from vapo_pl.callbacks.entropy import EntropyTracker
 from vapo_pl.callbacks.evaluation import Evaluation
 from vapo_pl.callbacks.length import _gather_columns
+
 from tests.callbacks._helpers import make_rollout
 
 K = 3

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
-
 from vapo_pl.callbacks.entropy import FORKING_ENTROPY_NATS, LOW_ENTROPY_NATS, EntropyTracker, entropy_sums
+
 from tests.callbacks._helpers import make_rollout, read_events, run_trainer, scalars
 
 NAN = float("nan")
@@ -102,7 +102,8 @@ def test_collapse_state_survives_a_restore():
 
 
 def test_trainer_logs_entropy_scalars_to_tensorboard(tmp_path):
-    """Three steps of hand-built rollouts through a real Trainer; the second step has no entropy (None)."""
+    """Three steps of hand-built rollouts through a real Trainer; the second step has no entropy (None), so it has
+    no point. Each RL step is written at its own number (1, 2, 3), like the module's metrics."""
     r = make_rollout([3, 1])  # mask: row 0 three tokens, row 1 one token
     outputs = [
         # tokens 0.0, 0.5, 1.0 | 2.0 -> mean 3.5/4 = 0.875, low (<0.01) 1/4, high (>0.672) 2/4
@@ -114,13 +115,11 @@ def test_trainer_logs_entropy_scalars_to_tensorboard(tmp_path):
     _, logger = run_trainer(tmp_path, [EntropyTracker()], outputs)
     acc = read_events(logger)
     mean = scalars(acc, "actor/entropy_mean")
-    assert sorted(mean) == [0, 1, 2]
-    assert mean[0] == pytest.approx(0.875)
-    assert math.isnan(mean[1])  # not a repeat of step 0's value
-    assert mean[2] == pytest.approx(0.0025)
+    assert sorted(mean) == [1, 3]  # step 2 is not a repeat of step 1's value
+    assert mean[1] == pytest.approx(0.875)
+    assert mean[3] == pytest.approx(0.0025)
     low, high = scalars(acc, "actor/entropy_low_share"), scalars(acc, "actor/entropy_high_share")
-    assert (low[0], low[2], high[0], high[2]) == pytest.approx((0.25, 1.0, 0.5, 0.0))
-    assert math.isnan(low[1]) and math.isnan(high[1])
+    assert (low[1], low[3], high[1], high[3]) == pytest.approx((0.25, 1.0, 0.5, 0.0))
 
 
 def test_trainer_without_entropy_logs_nothing(tmp_path):

@@ -18,8 +18,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-
 from vapo_pl.callbacks.evaluation import Evaluation, maj_at_k, pass_at_k
+
 from tests.callbacks._helpers import read_events, scalars
 
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from vapo_pl.callbacks.length import HISTOGRAM_TAG, LengthScaling, least_squares_slope, length_stats
+
 from tests.callbacks._helpers import make_rollout, read_events, run_trainer, scalars
 
 
@@ -99,20 +99,21 @@ def test_trainer_logs_scalars_slope_and_histogram(tmp_path):
     _, logger = run_trainer(tmp_path, [LengthScaling(window=10)], outputs)
     acc = read_events(logger)
 
-    assert scalars(acc, "rollout/length_mean") == pytest.approx({0: 3.0, 1: 6.0, 2: 9.0})
-    assert scalars(acc, "rollout/length_max") == pytest.approx({0: 4.0, 1: 8.0, 2: 12.0})
-    assert scalars(acc, "rollout/length_clip_ratio") == pytest.approx({0: 0.0, 1: 0.5, 2: 1 / 3})
-    assert scalars(acc, "rollout/length_correct_mean") == pytest.approx({0: 2.0, 1: 6.0, 2: 9.0})
+    # written at the RL step just completed (1, 2, 3), the module's x axis
+    assert scalars(acc, "rollout/length_mean") == pytest.approx({1: 3.0, 2: 6.0, 3: 9.0})
+    assert scalars(acc, "rollout/length_max") == pytest.approx({1: 4.0, 2: 8.0, 3: 12.0})
+    assert scalars(acc, "rollout/length_clip_ratio") == pytest.approx({1: 0.0, 2: 0.5, 3: 1 / 3})
+    assert scalars(acc, "rollout/length_correct_mean") == pytest.approx({1: 2.0, 2: 6.0, 3: 9.0})
     wrong = scalars(acc, "rollout/length_wrong_mean")
-    assert wrong[0] == pytest.approx(4.0) and math.isnan(wrong[1]) and wrong[2] == pytest.approx(9.0)
-    # slope from the second step on: (0, 3), (1, 6) -> 3; (0, 3), (1, 6), (2, 9) -> 3
-    assert scalars(acc, "rollout/length_slope") == pytest.approx({1: 3.0, 2: 3.0})
+    assert wrong[1] == pytest.approx(4.0) and math.isnan(wrong[2]) and wrong[3] == pytest.approx(9.0)
+    # slope from the second step on: (1, 3), (2, 6) -> 3; (1, 3), (2, 6), (3, 9) -> 3
+    assert scalars(acc, "rollout/length_slope") == pytest.approx({2: 3.0, 3: 3.0})
 
     hists = {e.step: e.histogram_value for e in acc.Histograms(HISTOGRAM_TAG)}
-    assert sorted(hists) == [0, 1, 2]
-    h = hists[2]
+    assert sorted(hists) == [1, 2, 3]
+    h = hists[3]
     assert (h.min, h.max, h.num, h.sum) == (6.0, 12.0, 3.0, 27.0)
-    assert (hists[0].min, hists[0].max, hists[0].num) == (2.0, 4.0, 2.0)
+    assert (hists[1].min, hists[1].max, hists[1].num) == (2.0, 4.0, 2.0)
 
 
 def test_trainer_without_rollout_logs_nothing(tmp_path):

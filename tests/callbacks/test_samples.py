@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vapo_pl.callbacks.samples import TEXT_TAG, SampleLogger, markdown_escape, pick_samples
+
 from tests.callbacks._helpers import make_rollout, read_events, run_trainer
 
 
@@ -72,20 +72,20 @@ def test_render_cuts_long_text():
 
 
 def test_trainer_writes_escaped_samples_every_n_steps(tmp_path):
-    """Three steps of hand-built rollouts through a real Trainer; text is written at steps 0 and 2."""
+    """Four steps of hand-built rollouts through a real Trainer; text is written after steps 2 and 4."""
     metadata = [
         _meta(1, "so it is \\boxed{2}", "2"),  # correct
         _meta(2, "**bold** <b>html</b>\nanswer 5", "5"),  # wrong, full of markdown / HTML
         _meta(3, "no idea", None),  # wrong, nothing extracted
     ]
     r = make_rollout([4, 7, 2], correct=[True, False, False], scores=[1.0, -1.0, -0.5], metadata=metadata)
-    outputs = [{"rollout": r, "entropy": None, "metrics": {}}] * 3
+    outputs = [{"rollout": r, "entropy": None, "metrics": {}}] * 4
     _, logger = run_trainer(tmp_path, [SampleLogger(every_n_steps=2, num_samples=3)], outputs)
     acc = read_events(logger)
     tag = f"{TEXT_TAG}/text_summary"  # what SummaryWriter.add_text names it
     events = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
-    assert sorted(events) == [0, 2]
-    text = events[0]
+    assert sorted(events) == [2, 4]
+    text = events[2]
     assert text.count("**sample ") == 3
     assert text.index("correct, reward 1") < text.index("wrong, reward -")  # correct ones first
     assert r"\\boxed\{2\}" in text  # the correct sample, escaped

@@ -15,9 +15,9 @@ from collections.abc import Iterable
 
 import lightning.pytorch as pl
 import pytest
-
 from vapo_pl.callbacks.evaluation import Evaluation
 from vapo_pl.callbacks.value_pretraining import ValuePretraining
+
 from vapo_pl.rewards.base import RewardTerm
 from vapo_pl.rollout.base import RolloutEngine
 from vapo_pl.rollout.hf_engine import HFEngine
