@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,10 @@ class ValuePretraining(pl.Callback):
         lr: critic learning rate during pretraining (default: the module's ``optim.critic_lr``).
         save_path: write the pretrained critic's weights here (rank 0).
         load_path: start from a critic saved earlier and skip pretraining.
+
+    TensorBoard: ``pretrain/*`` is written at steps ``1 - limit, ..., 0`` (``limit`` = the planned steps), so
+    pretraining ends at step 0 and RL steps start at 1 on the same axis; a resumed run that purges the RL steps it
+    redoes never touches them.
     """
 
     def __init__(
@@ -93,7 +98,7 @@ class ValuePretraining(pl.Callback):
             log.info("ValuePretraining: loaded critic from %s; skipping pretraining", self.load_path)
             self.done = True
             return
-        limit = self.max_steps if self._uses_thresholds else self.steps
+        limit = self.limit
         dm = trainer.datamodule
         opt = pl_module.optimizers()
         group = next(g for g in opt.param_groups if g["name"] == "critic")
@@ -101,6 +106,8 @@ class ValuePretraining(pl.Callback):
         group["lr"] = self.lr or pl_module.optim.critic_lr
         try:
             while self.steps_done < limit:
+                if trainer.received_sigterm:  # stop at this step boundary; resuming continues from here
+                    raise SIGTERMException()
                 batch = dm.next_batch()
                 if batch is None:
                     dm.start_new_epoch()
@@ -110,7 +117,7 @@ class ValuePretraining(pl.Callback):
                 self.history.append(metrics)
                 for logger in trainer.loggers:
                     logger.log_metrics({f"pretrain/{k.split('/', 1)[-1]}": v for k, v in metrics.items()},
-                                       step=self.steps_done)
+                                       step=self.log_step(self.steps_done))
                 if trainer.is_global_zero:
                     log.info("value pretraining %d/%d: loss %.4f, explained variance %.3f", self.steps_done, limit,
                              metrics["critic/value_loss"], metrics["critic/explained_var"])
@@ -125,8 +132,17 @@ class ValuePretraining(pl.Callback):
                 Path(self.save_path).parent.mkdir(parents=True, exist_ok=True)
                 torch.save(state, self.save_path)
 
+    @property
+    def limit(self) -> int:
+        return self.max_steps if self._uses_thresholds else self.steps
+
+    def log_step(self, steps_done: int) -> int:
+        """The TensorBoard step of pretraining step ``steps_done`` (1-based): the last planned one is step 0."""
+        return steps_done - self.limit
+
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "steps_done": self.steps_done, "history": self.history}
+        return {"done": self.done, "steps_done": self.steps_done, "history": self.history,
+                "next_log_step": self.log_step(self.steps_done + 1)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = state_dict["done"]

@@ -2,9 +2,9 @@
 mistakes that end in one ``error:`` line naming the field, before any model is loaded.
 
 Runs go through ``vapo_pl.cli.main`` in this process (one jsonargparse + Lightning import for the whole file);
-only the console-script check starts a subprocess. Loading a model, a tokenizer or a rollout engine is
-replaced by a function that records the call and raises, so a check that slipped past parsing could not go
-unnoticed.
+only the console-script check starts a subprocess. Loading a model or a rollout engine is replaced by a function
+that records the call and raises, so a check that slipped past parsing could not go unnoticed. (The tokenizer
+does load while parsing: the input checks tokenise a prompt.)
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from vapo_pl.cli import ConfigError, build_parser, main, validate_run_config
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "vapo_qwen2.5_32b.yaml"
 WO_CLIP_HIGHER = REPO / "configs" / "ablations" / "wo_clip_higher.yaml"
-PROMPTS = REPO / "vapo_pl" / "data" / "gsm8k_test.jsonl"  # stands in for the paper's training prompts
+PROMPTS = REPO / "vapo_pl" / "demo" / "data" / "heldout.jsonl"  # stands in for the paper's training prompts
 HELDOUT = REPO / "vapo_pl" / "data" / "aime24.jsonl"  # the paper config's val_files, made absolute
 ALGO = "--model.init_args.algorithm."
 
 
 @pytest.fixture
 def model_loads(monkeypatch, tmp_path):
-    """Calls that would load weights, a tokenizer or a vLLM engine; each raises if it happens."""
+    """Calls that would load weights or a vLLM engine; each raises if it happens."""
     import transformers
 
     import vapo_pl.critic
@@ -46,7 +46,6 @@ def model_loads(monkeypatch, tmp_path):
         return load
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("AutoModelForCausalLM"))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse("AutoTokenizer"))
     monkeypatch.setattr(vapo_pl.critic.ValueModel, "from_pretrained", refuse("ValueModel"))
     monkeypatch.setattr(vapo_pl.rollout.factory, "build_engine", refuse("build_engine"))
     monkeypatch.setattr(sys, "argv", ["vapo-pl"])  # main(args) warns when sys.argv holds pytest's arguments

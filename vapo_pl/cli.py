@@ -1,25 +1,39 @@
-"""``vapo-pl``: LightningCLI in subclass mode, with cross-field checks before anything is loaded.
+"""``vapo-pl``: LightningCLI in subclass mode, with every input checked before anything is loaded or written.
 
-A configuration mistake ends the run with one line naming the field (``error: model.algorithm.eps_high ...``)
-and exit code 2, before any model is loaded: ``validate_run_config`` runs on the parsed namespace before
-instantiation, and a ``ValueError`` raised by a constructor (each class checks its own arguments) during
-instantiation, which loads nothing either, is reported the same way. Type errors found by jsonargparse while
-parsing keep jsonargparse's own (multi-line) report.
+A bad input ends the run with one line on stderr naming the field, file or row (``error: model.algorithm.eps_high
+...``) and exit code 2, with no traceback and nothing written:
+
+- right after parsing (before seeding, instantiation, or any model load): ``validate_run_config`` (cross-field
+  checks, the config dataclasses, paths) and ``check_run_inputs`` (output directories writable, tokenizer files
+  present and producing tokens, every data file readable row by row, some training prompt short enough);
+- a ``ValueError`` from a constructor during instantiation (which loads nothing);
+- jsonargparse's own parse errors, condensed to their innermost message and key path;
+- a ``ValueError`` raised while the trainer sets up (data, model directories) before training starts; the log
+  directory the run created is removed again. ``VAPO_PL_TRACEBACK=1`` shows the traceback instead.
+
+Resuming (``--ckpt_path last`` or a path) goes through ``vapo_pl.checkpointing``: "last" is the newest complete
+checkpoint, unfinished writes are removed, TensorBoard continues in the checkpoint's version with the redone steps
+purged, and SIGTERM saves a checkpoint at the next step boundary and exits with code 143.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must live in the trainer process
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lightning.pytorch as pl
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vapo_pl.datamodule import RolloutDataModule
 from vapo_pl.module import VAPOModule
@@ -196,6 +210,124 @@ def validate_run_config(cfg) -> None:
     _check_callbacks(cfg, algo, data)
 
 
+def _probe_writable(field: str, path: str | os.PathLike) -> None:
+    """``path`` can be created and written: its nearest existing ancestor is a directory that takes a file (tried
+    with a temporary file, removed at once; permission bits alone say nothing for root or read-only mounts)."""
+    p = Path(path).expanduser().absolute()
+    anc = p
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{field}: {path} cannot be created: {anc} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{field}: {path} is not writable ({anc}: {e.strerror})") from None
+
+
+def _output_dirs(cfg) -> list[tuple[str, str]]:
+    """(field, directory) of everything a fit run writes: loggers' save_dir, ModelCheckpoint dirpath, root dir."""
+    trainer = _get(cfg, "trainer")
+    out = [("trainer.default_root_dir", str(_get(trainer, "default_root_dir") or os.getcwd()))]
+    for i, lg in enumerate(_as_list(_get(trainer, "logger"))):
+        save_dir = _get(lg, "init_args.save_dir")
+        if save_dir:
+            out.append((f"trainer.logger[{i}].save_dir" if isinstance(_get(trainer, "logger"), list)
+                        else "trainer.logger.init_args.save_dir", str(save_dir)))
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in _as_list(_get(trainer, "callbacks")):
+        cls = _class_of(str(_get(cb, "class_path", "")))
+        if isinstance(cls, type) and issubclass(cls, ModelCheckpoint) and _get(cb, "init_args.dirpath"):
+            out.append(("ModelCheckpoint.dirpath", str(_get(cb, "init_args.dirpath"))))
+    return out
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_run_inputs(cfg) -> None:
+    """The checks of a ``fit`` that read files (in seconds, before any model loads; nothing is written):
+
+    - every output directory can be created and written;
+    - the policy directory has tokenizer files, and the tokenizer turns the first training prompt (templated)
+      into a non-empty token list;
+    - every training and held-out file is read and validated row by row (one line naming file, line and field,
+      non-UTF-8 bytes included);
+    - at least ``data.prompts_per_step`` training prompts fit ``data.max_prompt_length`` (templated with
+      ``data.template``; a module's own ``build_prompt`` is checked again when the DataModule sets up);
+    - a ``ckpt_path`` file exists and its trainer state reads.
+
+    Raises ``ConfigError``.
+    """
+    from vapo_pl.prompts import DataError, load_prompts, render_prompt
+
+    for field, path in _output_dirs(cfg):
+        _probe_writable(field, path)
+    ckpt = _get(cfg, "ckpt_path")
+    if ckpt and str(ckpt) not in ("last", "best", "hpc") and not str(ckpt).startswith("registry"):
+        from vapo_pl.checkpointing import checkpoint_meta
+
+        if not Path(ckpt).exists():
+            raise ConfigError(f"ckpt_path: {ckpt} does not exist")
+        try:
+            checkpoint_meta(ckpt)
+        except Exception as e:  # noqa: BLE001  (torch.load raises many types for a damaged file)
+            raise ConfigError(f"ckpt_path: {ckpt} is not a readable checkpoint ({_one_line(e)})") from None
+    model = _get(cfg, "model.init_args", _get(cfg, "model"))
+    data = _get(cfg, "data.init_args", _get(cfg, "data"))
+    field = "data.model_path" if _get(data, "model_path") else "model.model_path"
+    model_dir = Path(str(_get(data, "model_path") or _get(model, "model_path")))
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(f"{field}: {model_dir} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+                          "tokenizer next to the model (tokenizer.save_pretrained)")
+    records = {}
+    for files_field, key, answer, after in (
+        ("train_files", "prompt_key", "answer_key", "answer_after"),
+        ("val_files", "val_prompt_key", "val_answer_key", "val_answer_after"),
+    ):
+        files = _as_list(_get(data, files_field))
+        if not files:
+            continue
+        train = _get(data, "prompt_key", "prompt"), _get(data, "answer_key", "answer"), _get(data, "answer_after")
+        own = _get(data, key), _get(data, answer), _get(data, after)
+        keys = train if files_field == "train_files" else tuple(o or t for o, t in zip(own, train))
+        try:
+            records[files_field] = load_prompts([str(f) for f in files], *keys)
+        except DataError as e:
+            raise ConfigError(f"data.{files_field}: {e}") from None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # noqa: BLE001  (transformers raises many types for a broken tokenizer directory)
+        raise ConfigError(f"{field}: the tokenizer in {model_dir} does not load ({_one_line(e)})") from None
+    template = _get(data, "template", "chat")
+    train = records.get("train_files", [])
+    limit = int(_get(data, "max_prompt_length", 512))
+    usable, shortest = 0, None
+    for start in range(0, len(train), 1024):
+        chunk = train[start : start + 1024]
+        try:
+            texts = [render_prompt(tok, r.prompt, template) for r in chunk]
+        except Exception as e:  # noqa: BLE001  (e.g. a tokenizer without a chat template under template: chat)
+            raise ConfigError(f"data.template={template!r}: cannot render {chunk[0].source} ({_one_line(e)})") from None
+        lengths = [len(i) for i in tok(texts, add_special_tokens=template != "chat")["input_ids"]]
+        if start == 0 and not lengths[0]:
+            raise ConfigError(f"{field}: the tokenizer in {model_dir} turns {chunk[0].source} into no tokens "
+                              "(an empty or broken tokenizer)")
+        usable += sum(n <= limit for n in lengths)
+        shortest = min(lengths + ([shortest] if shortest is not None else []))
+    if train and not usable:
+        raise ConfigError(f"data.max_prompt_length={limit}: every training prompt is longer (the shortest has "
+                          f"{shortest} tokens)")
+    need = int(_get(data, "prompts_per_step", 8))
+    if train and usable < need:
+        raise ConfigError(f"data.prompts_per_step={need} exceeds the {usable} training prompts that fit "
+                          f"data.max_prompt_length={limit}")
+
+
 def _one_line(exc: BaseException) -> str:
     """The innermost message of a chain of errors, on one line (jsonargparse wraps a constructor's
     ``ValueError`` in several "Does not validate against any of the Union subtypes" layers)."""
@@ -209,13 +341,63 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-class VAPOCLI(LightningCLI):
-    """LightningCLI whose configuration mistakes end in one ``error:`` line before any model is loaded."""
+class _OneLineParser(LightningArgumentParser):
+    """Reports a parse error as one ``error:`` line on stderr (no usage block), condensing jsonargparse's nested
+    "Does not validate against any of the Union subtypes" report to its key path and innermost message."""
 
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        try:
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        sys.stderr.write(f"error: {condense_parse_error(message)}\n")
+        sys.exit(2)
+
+
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
+          "Problem with given class_path")
+
+
+def condense_parse_error(message: str) -> str:
+    """``model.algorithm: Option 'eps_lo' is not accepted`` from jsonargparse's multi-line report."""
+    lines = [ln.strip().lstrip("- ").strip() for ln in message.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return " ".join(lines)
+    keys: list[str] = []
+    detail = ""
+    for ln in lines:
+        m = re.match(r'Parser key "([^"]+)":?\s*(.*)', ln)
+        if m:
+            keys.append(m.group(1))
+            ln = m.group(2)
+        if ln and not ln.startswith(_NOISE):
+            detail = ln
+    path = ".".join(keys)
+    return f"{path}: {detail}" if path and detail else detail or " ".join(lines)
+
+
+class _RunFailedEarly(ValueError):
+    """A ``ValueError`` raised while the trainer set up (before training started): a bad input, reported in one
+    line by ``main``."""
+
+
+class VAPOCLI(LightningCLI):
+    """LightningCLI whose input mistakes end in one ``error:`` line before any model is loaded, and whose runs
+    resume cleanly (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", _OneLineParser)
+        self._resume_meta: dict[str, Any] | None = None
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        try:  # before seeding and instantiation: a mistake prints one line and nothing else
             validate_run_config(cfg)
+            if sub == "fit":
+                check_run_inputs(cfg)
         except ConfigError as e:
             self.parser.error(str(e))
 
@@ -226,6 +408,104 @@ class VAPOCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, MisconfigurationException) as e:
             self.parser.error(_one_line(e))
+
+    def before_fit(self) -> None:
+        from vapo_pl.checkpointing import (
+            SaveOnSigterm,
+            checkpoint_meta,
+            install_atomic_checkpoint_io,
+            remove_partial_files,
+            resume_tensorboard,
+        )
+
+        trainer = self.trainer
+        install_atomic_checkpoint_io(trainer)
+        dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        for d in dirs:
+            remove_partial_files(d)
+        if trainer.checkpoint_callbacks and not any(isinstance(cb, SaveOnSigterm) for cb in trainer.callbacks):
+            trainer.callbacks.append(SaveOnSigterm())
+        fit_args = self.config_init["fit"]
+        ckpt = fit_args.get("ckpt_path")
+        if ckpt == "last":
+            ckpt = _newest_checkpoint_for(trainer, dirs)
+            if ckpt is None:
+                print("--ckpt_path last: no checkpoint found; starting from scratch", file=sys.stderr, flush=True)
+            fit_args["ckpt_path"] = None if ckpt is None else str(ckpt)
+        if ckpt:
+            for d in {Path(ckpt).parent} - set(dirs):
+                remove_partial_files(d)
+            self._resume_meta = checkpoint_meta(ckpt)
+            resume_tensorboard(trainer, self._resume_meta)
+            # A "last" link written by the killed run points at a checkpoint older than the one we resume from, or
+            # was made after it; drop it so Lightning writes a fresh ``last.ckpt`` (not ``last-v1.ckpt``) next save.
+            for d in dirs:
+                for link in d.glob("last*.ckpt"):
+                    if link.is_symlink() and link.absolute() != Path(ckpt).absolute():
+                        link.unlink()
+
+    def fit(self, model: pl.LightningModule, **kwargs: Any) -> None:
+        trainer = self.trainer
+        started = _FitStarted()
+        trainer.callbacks.append(started)
+        log_dirs = {d: os.path.exists(d) for d in _log_dirs(trainer)}
+        try:
+            trainer.fit(model, **kwargs)
+        except ValueError as e:
+            if started.started:
+                raise
+            _remove_new_dirs(log_dirs)
+            if os.environ.get("VAPO_PL_TRACEBACK"):
+                raise
+            raise _RunFailedEarly(_one_line(e)) from e
+        except BaseException:
+            if not started.started:
+                _remove_new_dirs(log_dirs)
+            raise
+
+
+class _FitStarted(pl.Callback):
+    """Whether data, models and strategy were set up (``on_fit_start``): failures before that are input errors."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = True
+
+
+def _log_dirs(trainer: pl.Trainer) -> list[str]:
+    out = []
+    for logger in trainer.loggers:
+        try:
+            d = logger.log_dir
+        except Exception:  # noqa: BLE001, S112  (a logger without a local directory)
+            continue
+        if d:
+            out.append(str(d))
+    return out
+
+
+def _remove_new_dirs(existed: dict[str, bool]) -> None:
+    """Remove the log directories this run created (a run that failed before training starts leaves none)."""
+    for d, was_there in existed.items():
+        if not was_there and os.path.isdir(d):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _newest_checkpoint_for(trainer: pl.Trainer, dirs: list[Path]) -> Path | None:
+    """``--ckpt_path last``: the newest complete checkpoint in the ModelCheckpoint directories; without an explicit
+    ``dirpath``, in the ``checkpoints`` folders of the TensorBoard logger's earlier versions."""
+    from vapo_pl.checkpointing import newest_checkpoint
+
+    search = list(dirs)
+    if not search:
+        for logger in trainer.loggers:
+            root = getattr(logger, "root_dir", None)
+            if root and os.path.isdir(root):
+                search += [p / "checkpoints" for p in Path(root).iterdir() if p.is_dir()]
+    found = [c for c in (newest_checkpoint(d) for d in search) if c is not None]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 class _ParserBuilt(Exception):
@@ -261,9 +541,17 @@ def run(args: list[str] | None = None) -> VAPOCLI:
 
 
 def main(args: list[str] | None = None) -> int:
-    """The ``vapo-pl`` console script. Returns the process exit code (0): the console-script wrapper
-    passes it to ``sys.exit``, which would print any other object and exit with status 1."""
-    run(args)
+    """The ``vapo-pl`` console script. Returns the process exit code: 0 when the run ends, 2 for a bad input found
+    while the trainer set up (one line on stderr), 143 when SIGTERM stopped the run (a checkpoint was saved if
+    the run checkpoints). The console-script wrapper passes it to ``sys.exit``."""
+    try:
+        run(args)
+    except _RunFailedEarly as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except SIGTERMException:
+        print("stopped by SIGTERM", file=sys.stderr, flush=True)
+        return 143
     return 0
 
 

@@ -643,6 +643,8 @@ class VAPOModule(pl.LightningModule):
             "skipped_steps": self.skipped_steps,
             "skipped_in_a_row": self.skipped_in_a_row,
             "kl_coef": self.kl_ctl.value,
+            # which log directory (TensorBoard version) this run writes, so a resume continues it
+            "log_versions": [getattr(lg, "version", None) for lg in self.trainer.loggers],
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }

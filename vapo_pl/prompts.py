@@ -27,18 +27,30 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     if path.is_dir():
         from datasets import load_from_disk
 
-        ds = load_from_disk(str(path))
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:  # datasets raises FileNotFoundError, ValueError, ... for a wrong directory
+            raise DataError(f"{path}: not a dataset saved with save_to_disk ({_first_line(e)})") from None
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take "train"
             ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
         return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return [(f"{path}[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow.ArrowInvalid and friends
+            raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+        return [(f"{path}[{i}]", r) for i, r in enumerate(table.to_pylist())]
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") \
+                        from None
                 if not line.strip():
                     continue
                 try:
@@ -50,6 +62,11 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
                 rows.append((f"{path}:{lineno}", row))
         return rows
     raise DataError(f"{path}: unsupported prompt file type {path.suffix!r} (use .jsonl, .parquet or a dataset dir)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _answer_text(value: Any, answer_regex_after: str | None) -> str:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
 from vapo_pl.common import derive_seed, require_model_dir
+from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}
 
