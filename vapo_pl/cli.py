@@ -36,7 +36,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vapo_pl.datamodule import RolloutDataModule
-from vapo_pl.module import VAPOModule
+from vapo_pl.module import RunStopped, VAPOModule
 
 CLI_KWARGS: dict[str, Any] = {
     "model_class": VAPOModule,
@@ -542,8 +542,9 @@ def run(args: list[str] | None = None) -> VAPOCLI:
 
 def main(args: list[str] | None = None) -> int:
     """The ``vapo-pl`` console script. Returns the process exit code: 0 when the run ends, 2 for a bad input found
-    while the trainer set up (one line on stderr), 143 when SIGTERM stopped the run (a checkpoint was saved if
-    the run checkpoints). The console-script wrapper passes it to ``sys.exit``."""
+    while the trainer set up (one line on stderr), 1 when the run stopped itself (``RunStopped``, one line),
+    143 when SIGTERM stopped the run (a checkpoint was saved if the run checkpoints). The console-script wrapper
+    passes it to ``sys.exit``."""
     try:
         run(args)
     except _RunFailedEarly as e:
@@ -552,6 +553,9 @@ def main(args: list[str] | None = None) -> int:
     except SIGTERMException:
         print("stopped by SIGTERM", file=sys.stderr, flush=True)
         return 143
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

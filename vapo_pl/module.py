@@ -46,6 +46,11 @@ from vapo_pl.rewards.base import RewardInput, RewardOutput
 log = logging.getLogger(__name__)
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. ``algorithm.max_skipped_steps`` updates in a row were skipped); ``vapo-pl`` prints
+    it as one ``error:`` line and exits with code 1."""
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this (trainer) process in GB; verifier worker processes are not included."""
     import resource
@@ -360,7 +365,7 @@ class VAPOModule(pl.LightningModule):
             log.warning("RL step %d: update skipped, %s (%d skipped in a row)", step, bad, self.skipped_in_a_row)
         limit = self.algorithm.max_skipped_steps
         if self.skipped_in_a_row >= limit:
-            raise RuntimeError(f"stopping: {limit} RL steps in a row skipped their update (step {step}: {bad}); "
+            raise RunStopped(f"stopping: {limit} RL steps in a row skipped their update (step {step}: {bad}); "
                                "see algorithm.max_abs_reward and the reward hooks")
 
     def check_on_policy(self, batch: RolloutBatch) -> None:

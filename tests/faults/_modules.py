@@ -8,3 +8,17 @@ class LongPrompts(VAPOModule):
 
     def build_prompt(self, record, tokenizer, template):
         return "x" * 200 + record.prompt
+
+
+class NaNRewards(VAPOModule):
+    """``token_rewards`` returns NaN on one token from RL step ``nan_from_step`` (1-based) on."""
+
+    def __init__(self, *args, nan_from_step: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_from_step = nan_from_step
+
+    def token_rewards(self, batch):
+        rewards = super().token_rewards(batch)
+        if self.rl_step + 1 >= self.nan_from_step:
+            rewards[0, 0] = float("nan")
+        return rewards

@@ -187,3 +187,30 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes(setup):
     proc = _start(CLI, config, "--ckpt_path", "last")
     assert _finish(proc) == 0
     _assert_same_as_reference(root, reference)
+
+
+def test_nan_rewards_from_step_3_skip_keep_checkpoints_finite_then_stop_in_one_line(setup):
+    """NaN through the ``token_rewards`` hook from RL step 3 on (a module subclass, ``tests/faults/_modules.py``):
+    steps 3 and 4 are skipped and reported, their checkpoints hold the finite weights of step 2, and the third skip
+    in a row (step 5) stops the run: exit code 1, the last stderr line says why, no traceback."""
+    import torch
+
+    base, prompts, model, _ = setup
+    root = base / "nan"
+    config = _config(root, model, prompts)
+    proc = _start(CLI, config, "--model.class_path", "tests.faults._modules.NaNRewards",
+                  "--model.init_args.nan_from_step", "3", "--trainer.max_steps", "8")
+    assert _finish(proc) == 1
+    log = max(root.glob("run-*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: stopping: 3 RL steps in a row skipped their update (step 5: token rewards")
+    assert "Traceback" not in log
+    assert sum("update skipped, token rewards" in ln for ln in lines) == 3
+    ckpt = root / "ckpt"
+    states = {s: torch.load(next(ckpt.glob(f"*step={s}.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
+              for s in (2, 3, 4)}
+    assert not list(ckpt.glob("*step=5.ckpt"))
+    for s, state in states.items():
+        assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()), s
+    for name, t in states[2].items():
+        assert torch.equal(t, states[4][name]), f"{name} changed during skipped steps"
