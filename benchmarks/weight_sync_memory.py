@@ -84,7 +84,8 @@ def measure(policy: Path, bucket_fraction: float, dtype: str = "bfloat16") -> di
     engine = VLLMEngine(policy, dtype=dtype, max_model_len=128, kv_cache_space_gb=1, enforce_eager=True)
     target = engine.weight_dtype
     size = model_bytes(actor, target)
-    out = {"model_bytes": size, "engine_dtype": str(target), "largest_layer": largest_fused_layer(actor, target) / size}
+    out = {"model_bytes": size, "engine_dtype": str(target), "largest_layer": largest_fused_layer(actor, target) / size,
+           "actor_bytes": model_bytes(actor, torch.float32)}
     bucket = max(1, int(size * bucket_fraction))
     for label in ("materialised", "streamed"):
         tracker = PeakTracker(actor)
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"model {r['model_bytes'] / 1e6:.2f} MB in {r['engine_dtype']}, bucket {args.bucket_fraction:.3f} of it")
     print(f"sync peak extra memory / model bytes: materialised {r['materialised']:.3f}, streamed {r['streamed']:.3f}")
     print(f"largest layer vLLM assembles before loading (its floor for any bucket size): {r['largest_layer']:.3f}")
+    fp32 = r["model_bytes"] / r["actor_bytes"]
+    print(f"the same peaks over the trainer's float32 actor ({r['actor_bytes'] / 1e6:.2f} MB): materialised "
+          f"{r['materialised'] * fp32:.3f}, streamed {r['streamed'] * fp32:.3f}")
     return r
 
 

@@ -85,7 +85,7 @@ def math_verify(
     timeout_s: float = 2.0,
     percent_equivalence: bool = False,
     num_workers: int | None = None,
-    budget_s: float | None = 120.0,
+    budget_s: float | None = 60.0,
     warn_unverified_share: float = 0.05,
     tail_chars: int = TAIL_CHARS,
     max_answer_chars: int = MAX_ANSWER_CHARS,
