@@ -23,7 +23,7 @@ from vapo_pl.cli import ConfigError, build_parser, main, validate_run_config
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "vapo_qwen2.5_32b.yaml"
 WO_CLIP_HIGHER = REPO / "configs" / "ablations" / "wo_clip_higher.yaml"
-PROMPTS = REPO / "vapo_pl" / "demo" / "data" / "heldout.jsonl"  # stands in for the paper's training prompts
+PROMPTS = REPO / "vapo_pl" / "demo" / "data" / "train.jsonl"  # stands in for the paper's training prompts
 HELDOUT = REPO / "vapo_pl" / "data" / "aime24.jsonl"  # the paper config's val_files, made absolute
 ALGO = "--model.init_args.algorithm."
 

@@ -39,6 +39,7 @@ from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import PreparedBatch, RolloutBatch, StepOutput
 from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
+from vapo_pl.packing import Packed, pack, packed_targets
 from vapo_pl.critic import ValueModel
 from vapo_pl.prompts import PromptRecord, render_prompt
 from vapo_pl.rewards.base import RewardInput, RewardOutput
@@ -92,6 +93,14 @@ class VAPOModule(pl.LightningModule):
         optim: AdamW settings per model.
         gradient_checkpointing: recompute activations in backward (saves memory on long responses).
         logprob_chunk_size: tokens per chunk when turning logits into log-probs and entropies.
+        packing: run actor, critic and reference forwards padding-free: each micro-batch's sequences packed into
+            rows with position ids restarting per sequence (``vapo_pl.packing``); ``False`` = padded rows.
+        pack_row_tokens: row length of the packed forward (a longer sequence gets a row of its own). Attention is
+            computed over whole rows, so short rows suit CPU and SDPA (128 was fastest here); with
+            flash-attention's varlen kernel on GPU longer rows cost nothing extra.
+        reuse_update_forward: when a batch gets exactly one optimizer step (one PPO epoch, one minibatch, no KL
+            penalty in the reward), take the old log-probs and entropies from the update's own forward, detached,
+            instead of a separate forward: they are the same numbers (the ratio is exactly 1).
         seed: seed of the minibatch shuffling.
 
     Subclass hooks (small on purpose): ``build_prompt``, ``compute_reward``, ``build_actor``,
@@ -108,6 +117,9 @@ class VAPOModule(pl.LightningModule):
         optim: OptimConfig | None = None,
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int = 1024,
+        packing: bool = True,
+        pack_row_tokens: int = 128,
+        reuse_update_forward: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -117,6 +129,8 @@ class VAPOModule(pl.LightningModule):
             raise ValueError(f"model.critic_head_init must be 'zero' or 'random', got {critic_head_init!r}")
         if logprob_chunk_size < 1:
             raise ValueError(f"model.logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
+        if isinstance(pack_row_tokens, bool) or not isinstance(pack_row_tokens, int) or pack_row_tokens < 1:
+            raise ValueError(f"model.pack_row_tokens must be an integer >= 1, got {pack_row_tokens!r}")
         self.model_path = model_path
         self.critic_path = critic_path
         self.critic_init = critic_init
@@ -126,6 +140,9 @@ class VAPOModule(pl.LightningModule):
         self.optim = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
         self.gradient_checkpointing = gradient_checkpointing
         self.logprob_chunk_size = logprob_chunk_size
+        self.packing = packing
+        self.pack_row_tokens = pack_row_tokens
+        self.reuse_update_forward = reuse_update_forward
         self.seed = seed
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -251,7 +268,15 @@ class VAPOModule(pl.LightningModule):
     # ------------------------------------------------------------------ forward passes
     def policy_logprobs(self, model: nn.Module, batch: RolloutBatch, with_entropy: bool = False
                         ) -> tuple[Tensor, Tensor | None]:
-        """(B, T) log-probs of the response tokens under ``model`` at the sampler's temperature."""
+        """(B, T) log-probs of the response tokens under ``model`` at the sampler's temperature (0 at padding)."""
+        if self.packing:
+            packed = self._pack(batch)
+            logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+            logp = packed.gather(logprobs_from_logits(logits, packed_targets(packed), self.temperature,
+                                                      self.logprob_chunk_size))
+            ent = packed.gather(entropy_from_logits(logits.detach(), self.logprob_chunk_size,
+                                                    temperature=self.temperature)) if with_entropy else None
+            return logp, ent
         width = batch.response_mask.shape[1]
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=_position_ids(batch.attention_mask), use_cache=False, logits_to_keep=width + 1)
@@ -262,27 +287,44 @@ class VAPOModule(pl.LightningModule):
         return logp, ent
 
     def critic_values(self, batch: RolloutBatch) -> Tensor:
-        """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t."""
+        """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t (0 at padding)."""
+        if self.packing:
+            packed = self._pack(batch)
+            return packed.gather(self.critic(packed.input_ids, None, packed.position_ids))
         width = batch.response_mask.shape[1]
         values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask))
         start = batch.prompt_width - 1
         return values[:, start : start + width]
 
+    def _pack(self, batch: RolloutBatch) -> Packed:
+        # Pad slots hold token 0: they come after every real token of their row, so causal attention keeps them
+        # out of every output that is read.
+        return pack(batch.input_ids, batch.attention_mask, batch.response_mask, self.pack_row_tokens, pad_id=0)
+
     def _micro_batches(self, index: Tensor) -> list[Tensor]:
         return list(index.split(self.algorithm.micro_batch_size))
 
+    def one_update_per_batch(self, n: int) -> bool:
+        """Whether the actor's old log-probs can come from the update pass: one PPO epoch over one minibatch, and no
+        KL penalty in the reward (which needs them before the update)."""
+        cfg = self.algorithm
+        return (self.reuse_update_forward and cfg.ppo_epochs == 1 and len(self._minibatches(n)) == 1
+                and cfg.kl_reward_coef == 0)
+
     @torch.no_grad()
     def prepare(self, batch: RolloutBatch, critic_only: bool = False) -> PreparedBatch:
-        """Old log-probs, entropies, values and reference log-probs, in micro-batches, without grad."""
+        """Old log-probs, entropies, values and reference log-probs, in micro-batches, without grad. The actor's
+        forward is left to the update when ``one_update_per_batch``."""
         parts: dict[str, list[Tensor]] = defaultdict(list)
+        actor_here = not critic_only and not self.one_update_per_batch(len(batch))
         for idx in self._micro_batches(torch.arange(len(batch), device=batch.scores.device)):
             mb = batch.select(idx)
-            if not critic_only:
+            if actor_here:
                 logp, ent = self.policy_logprobs(self.actor, mb, with_entropy=True)
                 parts["old_logp"].append(logp)
                 parts["entropy"].append(ent)
-                if self.ref_model is not None:
-                    parts["ref_logp"].append(self.policy_logprobs(self.ref_model, mb)[0])
+            if not critic_only and self.ref_model is not None:
+                parts["ref_logp"].append(self.policy_logprobs(self.ref_model, mb)[0])
             if self.critic is not None:
                 parts["old_values"].append(self.critic_values(mb))
         return PreparedBatch(**{k: torch.cat(v) for k, v in parts.items()})
@@ -307,9 +349,8 @@ class VAPOModule(pl.LightningModule):
         mask = batch.response_mask
         rewards = self.token_rewards(batch)
         metrics: dict[str, float] = {}
-        if self.ref_model is not None:
-            kl = kl_estimate(prep.old_logp, prep.ref_logp, self.algorithm.kl_reward_estimator)
-            kl_mean = masked_mean(kl, mask, reduce=self._sum_across_ranks)
+        if self.ref_model is not None and prep.old_logp is not None:
+            kl_mean = self._kl_ref(prep, mask)
             metrics["actor/kl_ref"] = float(kl_mean)
             if self.algorithm.kl_reward_coef > 0:
                 rewards = kl_penalty_rewards(rewards, prep.old_logp, prep.ref_logp, mask,
@@ -323,6 +364,8 @@ class VAPOModule(pl.LightningModule):
         if bad is None:
             metrics.update(self.update(batch, prep, adv))
             bad = metrics.pop("_bad", None)
+        if self.ref_model is not None and "actor/kl_ref" not in metrics and prep.old_logp is not None:
+            metrics["actor/kl_ref"] = float(self._kl_ref(prep, mask))  # old log-probs came from the update pass
         skipped = bad is not None
         self.record_skip(bad)
         metrics["train/step_skipped"] = float(skipped)
@@ -335,6 +378,10 @@ class VAPOModule(pl.LightningModule):
         metrics.update(timings)
         self.log_metrics(metrics, batch)
         return StepOutput(rollout=batch, entropy=prep.entropy, metrics=metrics)
+
+    def _kl_ref(self, prep: PreparedBatch, mask: Tensor) -> Tensor:
+        kl = kl_estimate(prep.old_logp, prep.ref_logp, self.algorithm.kl_reward_estimator)
+        return masked_mean(kl, mask, reduce=self._sum_across_ranks)
 
     def first_bad_tensor(self, tensors: dict[str, Tensor], mask: Tensor, bound: dict[str, float] | None = None
                          ) -> str | None:
@@ -417,6 +464,9 @@ class VAPOModule(pl.LightningModule):
         positive_mask = policy_mask & batch.correct.unsqueeze(1)
         per_step: dict[str, list[Tensor]] = defaultdict(list)  # one entry per optimizer step
         bad: str | None = None  # the first minibatch whose loss or gradient was not finite
+        # old log-probs left to this pass (one_update_per_batch): filled from each micro-batch's own forward
+        fill = None if critic_only or prep.old_logp is not None else {
+            "logp": torch.zeros(policy_mask.shape, device=device), "entropy": torch.zeros(policy_mask.shape, device=device)}
         # ppo_epochs passes train both models; the critic's extra passes (critic_epochs) train it alone
         n_epochs = cfg.ppo_epochs
         if self.critic is not None:
@@ -435,7 +485,7 @@ class VAPOModule(pl.LightningModule):
                     loss = torch.zeros((), device=device)
                     if not critic_only_epoch:
                         actor_loss, terms, ratios = self.actor_loss(batch, prep, adv, idx, policy_mask, n_tok,
-                                                                    n_pos, len(mb_idx) / world)
+                                                                    n_pos, len(mb_idx) / world, fill=fill)
                         loss = loss + actor_loss
                         for k, v in terms.items():
                             summed[k] += v
@@ -459,6 +509,8 @@ class VAPOModule(pl.LightningModule):
                     sched.step()
                 else:
                     bad = bad or bad_here
+        if fill is not None:
+            prep.old_logp, prep.entropy = fill["logp"], fill["entropy"]
         out = {k: torch.stack([t.float() for t in v]).mean().item() for k, v in per_step.items()}
         for group in opt.param_groups:
             out[f"{group['name']}/lr"] = group["lr"]
@@ -466,16 +518,22 @@ class VAPOModule(pl.LightningModule):
             out["_bad"] = bad  # read (and removed) by rl_step_on
         return out
 
-    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs
+    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs, fill=None
                    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Policy loss + mu * positive-example NLL + KL loss for micro-batch ``idx``; returns the loss, its
-        detached terms (to be summed over micro-batches) and ratio statistics (to be averaged)."""
+        detached terms (to be summed over micro-batches) and ratio statistics (to be averaged). With ``fill`` the
+        old log-probs are this forward's own, detached (and written into ``fill`` with the entropies)."""
         cfg = self.algorithm
         mb = batch.select(idx)
         mask = policy_mask[idx]
-        logp, _ = self.policy_logprobs(self.actor, mb)
-        pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, prep.old_logp[idx], adv.advantages[idx], mask,
-                                               cfg.policy_loss_params())
+        logp, ent = self.policy_logprobs(self.actor, mb, with_entropy=fill is not None)
+        if fill is not None:
+            old = logp.detach()
+            fill["logp"][idx] = old
+            fill["entropy"][idx] = ent
+        else:
+            old = prep.old_logp[idx]
+        pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, old, adv.advantages[idx], mask, cfg.policy_loss_params())
         # a constant divisor (Dr.GRPO): data.max_response_length, not this batch's padded width
         norm_length = cfg.norm_length or self.max_response_length or mask.shape[1]
         loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok,
