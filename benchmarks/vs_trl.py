@@ -9,7 +9,8 @@ load hits both alike; the first ``--warmup`` steps of a run are not counted.
 
 Also: VAPO (GAE with a critic) on the same workload, for VAPO step / GRPO step; the training pass against the
 machine's FLOP bound (6 x parameters x real tokens at the fp32 matmul rate measured here); and the packed and
-reused-forward paths against the padded two-forward path (``--ablate``).
+reused-forward paths against the padded two-forward path (``--runs grpo grpo-padded``), and bf16-mixed
+training against fp32 (``--runs grpo grpo-bf16``).
 
 TRL is not a dependency of vapo-pl. Install it into a separate environment layered on the project's venv:
 
@@ -77,7 +78,7 @@ def build_workload() -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- the runs
-def run_vapo(steps: int, estimator: str, packing: bool, reuse: bool) -> dict:
+def run_vapo(steps: int, estimator: str, packing: bool, reuse: bool, precision: str = "32-true") -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import lightning.pytorch as pl
@@ -113,7 +114,8 @@ def run_vapo(steps: int, estimator: str, packing: bool, reuse: bool) -> dict:
 
     torch.manual_seed(0)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()],
+                         precision=precision)
     trainer.fit(module, datamodule=dm)
     params = sum(p.numel() for p in module.actor.parameters())
     return {"records": records, "params": params}
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the runs")
     ap.add_argument("--runs", nargs="+", default=["trl", "grpo", "vapo"],
-                    choices=["trl", "grpo", "vapo", "grpo-padded"], help="which runs (grpo/vapo: vapo-pl)")
+                    choices=["trl", "grpo", "vapo", "grpo-padded", "grpo-bf16"],
+                    help="which runs (the others than trl are vapo-pl)")
     ap.add_argument("--trl-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         kinds = {"trl": lambda: run_trl(args.steps),
                  "grpo": lambda: run_vapo(args.steps, "grpo", packing=True, reuse=True),
                  "grpo-padded": lambda: run_vapo(args.steps, "grpo", packing=False, reuse=False),
-                 "vapo": lambda: run_vapo(args.steps, "gae", packing=True, reuse=True)}
+                 "vapo": lambda: run_vapo(args.steps, "gae", packing=True, reuse=True),
+                 "grpo-bf16": lambda: run_vapo(args.steps, "grpo", packing=True, reuse=True, precision="bf16-mixed")}
         Path(args.out).write_text(json.dumps(kinds[args.child]()))
         return
     build_workload()
@@ -244,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nvapo-pl GRPO step / TRL step: {step['grpo'] / step['trl']:.2f}")
     if "vapo" in step and "grpo" in step:
         print(f"VAPO step / GRPO step: {step['vapo'] / step['grpo']:.2f}")
+    if "grpo-bf16" in step and "grpo" in step:
+        print(f"GRPO bf16-mixed / fp32: {step['grpo-bf16'] / step['grpo']:.2f} (log-prob error: "
+              "benchmarks/precision.py)")
     if "grpo-padded" in step and "grpo" in step:
         print(f"GRPO packed + one forward / padded + two forwards: {step['grpo'] / step['grpo-padded']:.2f}")
     if "grpo" in results:
