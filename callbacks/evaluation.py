@@ -130,7 +130,7 @@ class Evaluation(pl.Callback):
         prompts_per_call: problems per ``generate`` call, to bound the engine's memory.
 
     ``history`` holds one dict per evaluation, ``{"step": s, "eval/...": value, ...}``; it is saved in
-    checkpoints.
+    checkpoints. ``vapo-pl validate`` (or ``test``) runs one evaluation without training.
     """
 
     def __init__(
@@ -268,6 +268,16 @@ class Evaluation(pl.Callback):
         step = trainer.global_step
         if step > 0 and self.due(step):
             self._run(trainer, step)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``vapo-pl validate``: evaluate the policy (``model_path``, or ``--ckpt_path``'s actor) once."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not trainer.sanity_checking:
+            # the RL step the policy is at: a checkpoint's (restored by the module), else 0
+            self._run(trainer, int(getattr(pl_module, "rl_step", trainer.global_step)))
+
+    on_test_epoch_end = on_validation_epoch_end
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step

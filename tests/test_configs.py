@@ -99,7 +99,7 @@ def leaves(tree, prefix: str = "") -> dict:
 
 def at(tree: dict, dotted: str):
     for part in dotted.split("."):
-        tree = tree[part]
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
     return tree
 
 
@@ -146,6 +146,14 @@ DEFINING = {
         **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0, max_response_length=144),
         "model.init_args.optim.critic_grad_clip": None,
         "trainer.accelerator": "cpu",
+    },
+    "eval_aime24.yaml": {  # evaluation only: AIME24 mean@32 at temperature 1.0, top_p 0.7 (the paper's)
+        **data(val_files="vapo_pl/data/aime24.jsonl", val_prompt_key="problem"),
+        "trainer.callbacks.0.init_args.samples_per_prompt": 32, "trainer.callbacks.0.init_args.top_p": 0.7,
+    },
+    "eval_gsm8k.yaml": {  # evaluation only: GSM8K greedy accuracy, the number after "####"
+        **data(val_files="vapo_pl/data/gsm8k_test.jsonl", val_prompt_key="question", val_answer_after="####"),
+        "trainer.callbacks.0.init_args.temperature": 0.0,
     },
     "vapo_qwen2.5_32b.yaml": {
         **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=0.05, eps_low=0.2, eps_high=0.28,
@@ -194,7 +202,7 @@ def test_full_config_parses_and_validates(parser, tiny_model_dir, config):
     assert printed["data"]["class_path"] == "vapo_pl.RolloutDataModule"
     for path, value in DEFINING[config.name].items():
         assert at(printed, path) == value, path
-    validate_run_config(parsed_run_config(parser, tiny_model_dir, config))
+    validate_run_config(parsed_run_config(parser, tiny_model_dir, config), training=not config.name.startswith("eval_"))
 
 
 def test_paper_config_callbacks(paper_printed):

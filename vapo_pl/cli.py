@@ -176,13 +176,14 @@ def _check_callbacks(cfg, algo, data) -> None:
             )
 
 
-def validate_run_config(cfg) -> None:
+def validate_run_config(cfg, training: bool = True) -> None:
     """Check what spans several objects, on a parsed config, without instantiating or loading anything.
 
     ``cfg`` is the namespace of one subcommand (``config.fit``), or the equivalent mapping (a loaded
     ``--print_config`` dump). The config dataclasses (algorithm, optim, engine) and reward terms are built
     here too, so their own checks report the full field path. Raises ``ConfigError`` (one line) on the first
-    mistake.
+    mistake. ``training=False`` (``validate``/``test``) skips what only a training run needs (batch divisibility)
+    and requires held-out files instead.
     """
     from vapo_pl.config import AlgorithmConfig, OptimConfig
     from vapo_pl.rewards.base import CompositeReward, RewardTerm
@@ -204,6 +205,13 @@ def validate_run_config(cfg) -> None:
         if value not in choices:
             raise ConfigError(f"model.{field} must be " + " or ".join(map(repr, choices)) + f", got {value!r}")
     _check_paths(model, data)
+    if not training:
+        if not _get(data, "val_files"):
+            raise ConfigError("data.val_files is not set: an evaluation run evaluates the held-out prompts")
+        _check_callbacks(cfg, algo, data)
+        return
+    if not _get(data, "train_files"):
+        raise ConfigError("data.train_files is not set: training needs prompts")
     prompts = int(_get(data, "prompts_per_step", 8))
     samples = int(_get(data, "samples_per_prompt", 4))
     _check_batch(algo, prompts, samples, _world_size(_get(cfg, "trainer")))
@@ -395,7 +403,7 @@ class VAPOCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         try:  # before seeding and instantiation: a mistake prints one line and nothing else
-            validate_run_config(cfg)
+            validate_run_config(cfg, training=sub in ("fit", None))
             if sub == "fit":
                 check_run_inputs(cfg)
         except ConfigError as e:

@@ -53,14 +53,16 @@ class RolloutDataModule(pl.LightningDataModule):
     """Prompts from files, rollouts from a vLLM (or transformers) engine, rewards from a verifier.
 
     Args:
-        train_files: jsonl / parquet files or ``save_to_disk`` directories of training prompts.
+        train_files: jsonl / parquet files or ``save_to_disk`` directories of training prompts (``fit`` needs them;
+            an evaluation-only run, ``vapo-pl validate``, reads only ``val_files``).
         val_files: held-out prompts for the ``Evaluation`` callback.
         prompt_key: row field holding the question.
         answer_key: row field holding the gold answer; ``None`` for unlabeled data (TTRL).
-        answer_after: keep only the text after this marker in the answer (``"####"`` for GSM8K).
+        answer_after: keep only the text after this marker in the answer (``"####"`` for GSM8K); ``""``: the whole
+            field. (A plain string, not optional: the config parser reads an optional ``"####"`` as a YAML comment.)
         val_prompt_key: ``prompt_key`` of the held-out files (default: the training one).
         val_answer_key: ``answer_key`` of the held-out files (default: the training one).
-        val_answer_after: ``answer_after`` of the held-out files (default: the training one).
+        val_answer_after: ``answer_after`` of the held-out files (``""``: the training one).
         template: ``"chat"`` (the tokenizer's chat template) or a format string with ``{prompt}``.
         max_prompt_length: prompts longer than this (in tokens) are dropped and counted.
         max_response_length: generation cap; hitting it marks the sample truncated.
@@ -82,14 +84,14 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_files: str | list[str],
+        train_files: str | list[str] | None = None,
         val_files: str | list[str] | None = None,
         prompt_key: str = "prompt",
         answer_key: str | None = "answer",
-        answer_after: str | None = None,
+        answer_after: str = "",
         val_prompt_key: str | None = None,
         val_answer_key: str | None = None,
-        val_answer_after: str | None = None,
+        val_answer_after: str = "",
         template: str = "chat",
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
@@ -129,10 +131,10 @@ class RolloutDataModule(pl.LightningDataModule):
             raise ValueError(f"data.template must be 'chat' or contain '{{prompt}}', got {template!r}")
         self.train_files = train_files
         self.val_files = val_files
-        self.prompt_key, self.answer_key, self.answer_after = prompt_key, answer_key, answer_after
+        self.prompt_key, self.answer_key, self.answer_after = prompt_key, answer_key, answer_after or None
         self.val_prompt_key = val_prompt_key or prompt_key
         self.val_answer_key = val_answer_key or answer_key
-        self.val_answer_after = val_answer_after or answer_after
+        self.val_answer_after = val_answer_after or answer_after or None
         self.template = template
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
@@ -215,10 +217,18 @@ class RolloutDataModule(pl.LightningDataModule):
         return [r for r, _ in kept], [i for _, i in kept], dropped
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_prompt_ids:
-            return
         if self.trainer is not None and self.trainer.lightning_module is not None and self._module is None:
             self.connect(self.trainer.lightning_module)
+        if stage in ("validate", "test"):  # evaluation only: the held-out prompts
+            if not self.val_files:
+                raise ValueError("data.val_files is not set: an evaluation run evaluates the held-out prompts")
+            if not self.val_prompt_ids:
+                self._setup_val()
+            return
+        if self.train_prompt_ids:
+            return
+        if not self.train_files:
+            raise ValueError("data.train_files is not set: training needs prompts")
         records = load_prompts(self.train_files, self.prompt_key, self.answer_key, self.answer_after)
         self.train_records, self.train_prompt_ids, self.dropped_prompts = self._tokenize(records)
         if self.dropped_prompts:
@@ -232,8 +242,24 @@ class RolloutDataModule(pl.LightningDataModule):
                 "usable training prompts"
             )
         if self.val_files:
-            val = load_prompts(self.val_files, self.val_prompt_key, self.val_answer_key, self.val_answer_after)
-            self.val_records, self.val_prompt_ids, _ = self._tokenize(val)
+            self._setup_val()
+
+    def _setup_val(self) -> None:
+        val = load_prompts(self.val_files, self.val_prompt_key, self.val_answer_key, self.val_answer_after)
+        self.val_records, self.val_prompt_ids, dropped = self._tokenize(val)
+        if dropped:
+            log.warning("dropped %d held-out prompts longer than max_prompt_length=%d", dropped, self.max_prompt_length)
+
+    def val_dataloader(self) -> Any:
+        """One placeholder item for ``vapo-pl validate`` (the ``Evaluation`` callbacks generate through
+        ``evaluate``); nothing during ``fit``, whose evaluations run from the callbacks between RL steps."""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self.trainer is not None and self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            return DataLoader([0], batch_size=None)
+        return []
+
+    test_dataloader = val_dataloader
 
     # ----------------------------------------------------------------- the engine's life
     @property

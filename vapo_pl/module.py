@@ -204,9 +204,11 @@ class VAPOModule(pl.LightningModule):
             return
         self.actor = self.build_actor().train()
         keep_output_head_in_fp32(self.actor)
-        if self.uses_critic:
+        if self._evaluating:  # vapo-pl validate / test: the policy alone
+            self.actor.eval()
+        elif self.uses_critic:
             self.critic = self.build_critic()
-        if self.algorithm.uses_reference:
+        if self.algorithm.uses_reference and not self._evaluating:
             self.ref_model = self.build_actor().eval().requires_grad_(False)
             keep_output_head_in_fp32(self.ref_model)
         if self.gradient_checkpointing:
@@ -249,6 +251,33 @@ class VAPOModule(pl.LightningModule):
         # The engine loaded model_path; after a resume the actor differs, so the engine gets the actor's weights
         # before it first generates (the DataModule pulls them if a callback generates before on_train_start).
         dm.expect_weights(lambda: self.sync_weights(bump=False))
+
+    @property
+    def _evaluating(self) -> bool:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        return self._trainer is not None and self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)
+
+    # --------------------------------------------------------------- evaluation-only runs (vapo-pl validate / test)
+    def on_validation_start(self) -> None:
+        if not self._evaluating:
+            return
+        dm = self.rollout_data
+        if dm is None or not hasattr(dm, "sync_weights"):
+            raise RuntimeError("VAPOModule evaluates through a RolloutDataModule: pass datamodule=...")
+        self.temperature = dm.temperature
+        self.max_response_length = dm.max_response_length
+        dm.connect(self, actor=self.actor)
+        dm.expect_weights(lambda: self.sync_weights(bump=False))  # a checkpoint's actor, not model_path's
+        dm.ensure_weights()
+
+    on_test_start = on_validation_start
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Nothing per batch: the ``Evaluation`` callbacks generate and score the held-out prompts."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """As ``validation_step``."""
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
@@ -716,6 +745,8 @@ class VAPOModule(pl.LightningModule):
             del checkpoint["state_dict"][k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._evaluating and "state_dict" in checkpoint:  # an evaluation builds the actor alone
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("actor.")}
         state = checkpoint["vapo"]
         self.rl_step = state["rl_step"]
         self.policy_version = state["policy_version"]

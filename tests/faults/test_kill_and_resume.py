@@ -214,3 +214,22 @@ def test_nan_rewards_from_step_3_skip_keep_checkpoints_finite_then_stop_in_one_l
         assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()), s
     for name, t in states[2].items():
         assert torch.equal(t, states[4][name]), f"{name} changed during skipped steps"
+
+
+def test_validate_with_a_training_checkpoint_evaluates_its_actor(setup):
+    """``vapo-pl validate --ckpt_path``: the checkpoint's actor reaches the engine (not model_path's weights), so the
+    evaluation at its step reproduces the training run's own evaluation there, value for value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base, _, _, reference = setup
+    root = base / "reference"
+    ckpt = next((root / "ckpt").glob("*step=5.ckpt"))
+    proc = subprocess.run([*CLI, "validate", "--config", str(root / "config.yaml"), "--ckpt_path", str(ckpt)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert any(ln.startswith("held-out 'heldout' at step 5:") for ln in proc.stdout.splitlines())
+    version = sorted((root / "tb" / "run").iterdir())[-1]
+    acc = EventAccumulator(str(version))
+    acc.Reload()
+    got = {e.step: e.value for e in acc.Scalars("eval/heldout_mean@2")}
+    assert got == {5: dict(reference["eval/heldout_mean@2"])[5]}
