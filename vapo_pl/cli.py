@@ -212,6 +212,8 @@ def validate_run_config(cfg, training: bool = True) -> None:
         return
     if not _get(data, "train_files"):
         raise ConfigError("data.train_files is not set: training needs prompts")
+    if algo.ptx_coef > 0 and not _get(data, "ptx_files"):
+        raise ConfigError(f"model.algorithm.ptx_coef={algo.ptx_coef} needs PPO-ptx data: set data.ptx_files")
     prompts = int(_get(data, "prompts_per_step", 8))
     samples = int(_get(data, "samples_per_prompt", 4))
     _check_batch(algo, prompts, samples, _world_size(_get(cfg, "trainer")))

@@ -34,6 +34,7 @@ class AlgorithmConfig:
     norm_length: int | None = None  # seq-mean-token-sum-norm divisor (Dr.GRPO); default: data.max_response_length
     adv_eps: float = 1e-6  # added to the std in GRPO's group normalisation and in advantage whitening
     nll_coef: float = 0.1  # mu: weight of the positive-example NLL (0 = off)
+    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of a language-modelling NLL on data.ptx_files (0 = off)
     value_clip: float | None = 0.5  # clip range of the value loss around the old values; None = unclipped
     kl_reward_coef: float = 0.0  # beta of the per-token KL penalty in the reward (loads a reference model)
     kl_reward_estimator: str = "k1"  # k1 | k2 | k3 for the reward penalty
@@ -72,7 +73,7 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.{e}") from None
         if not self.eps_low <= 1:  # the lower clip bound 1 - eps_low is a ratio: >= 0 (CISPO's 1.0 = no lower bound)
             raise ValueError(f"algorithm.eps_low must be in [0, 1], got {self.eps_low}")
-        for name in ("nll_coef", "kl_reward_coef", "kl_loss_coef"):
+        for name in ("nll_coef", "ptx_coef", "kl_reward_coef", "kl_loss_coef"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"algorithm.{name} must be >= 0, got {v}")

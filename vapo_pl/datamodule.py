@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -78,6 +79,10 @@ class RolloutDataModule(pl.LightningDataModule):
         model_path: policy checkpoint for the engine; default: the module's ``model_path``.
         greedy_baseline: also decode each prompt greedily and return its score (ReMax); the module
             turns it on when its estimator is ``remax``.
+        ptx_files: PPO-ptx language-modelling data (jsonl / parquet / dataset dir): rows with ``text`` (loss on every
+            token) or ``prompt`` + ``response`` (the prompt templated as for rollouts, loss on the response).
+        ptx_batch_size: PPO-ptx sequences per optimizer step, over all ranks.
+        ptx_max_length: PPO-ptx sequences are cut to this many tokens (default: prompt + response length).
         shuffle: reshuffle prompts every epoch.
         seed: base seed for shuffling and sampling (each rank and step derive their own).
     """
@@ -106,6 +111,9 @@ class RolloutDataModule(pl.LightningDataModule):
         engine: EngineConfig | None = None,
         model_path: str | None = None,
         greedy_baseline: bool = False,
+        ptx_files: str | list[str] | None = None,
+        ptx_batch_size: int = 8,
+        ptx_max_length: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
@@ -116,6 +124,8 @@ class RolloutDataModule(pl.LightningDataModule):
             ("prompts_per_step", prompts_per_step, 1),
             ("samples_per_prompt", samples_per_prompt, 1),
             ("max_sampling_rounds", max_sampling_rounds, 1),
+            ("ptx_batch_size", ptx_batch_size, 1),
+            ("ptx_max_length", ptx_max_length if ptx_max_length is not None else 2, 2),
         ):
             if value < lo:
                 raise ValueError(f"data.{name} must be >= {lo}, got {value}")
@@ -149,6 +159,12 @@ class RolloutDataModule(pl.LightningDataModule):
         self.engine_config = EngineConfig(**engine) if isinstance(engine, dict) else engine or EngineConfig()
         self.model_path = model_path
         self.greedy_baseline = greedy_baseline
+        self.ptx_files = ptx_files
+        self.ptx_batch_size = ptx_batch_size
+        self.ptx_max_length = ptx_max_length or max_prompt_length + max_response_length
+        self.ptx_ids: list[list[int]] = []  # tokenised PPO-ptx sequences
+        self.ptx_loss_start: list[int] = []  # first token of each that the loss covers
+        self.ptx_epoch = self.ptx_cursor = 0
         self.shuffle = shuffle
         self.seed = seed
 
@@ -243,6 +259,60 @@ class RolloutDataModule(pl.LightningDataModule):
             )
         if self.val_files:
             self._setup_val()
+        if self.ptx_files:
+            self._setup_ptx()
+
+    def _setup_ptx(self) -> None:
+        """Tokenise the PPO-ptx rows: ``text`` rows train on every token, ``prompt`` + ``response`` rows on the
+        response (its prompt rendered like a rollout's), each ending with EOS, cut to ``ptx_max_length``."""
+        from vapo_pl.prompts import DataError, _read_rows
+
+        tok = self._load_tokenizer()
+        eos = tok.eos_token_id
+        for p in [self.ptx_files] if isinstance(self.ptx_files, str) else self.ptx_files:
+            if not Path(p).exists():
+                raise DataError(f"data.ptx_files: {p} does not exist")
+            for loc, row in _read_rows(Path(p)):
+                if isinstance(row.get("text"), str) and row["text"].strip():
+                    head, body = [], tok(row["text"], add_special_tokens=False)["input_ids"]
+                elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+                    rendered = render_prompt(tok, row["prompt"], self.template)
+                    head = tok(rendered, add_special_tokens=self.template != "chat")["input_ids"]
+                    body = tok(row["response"], add_special_tokens=False)["input_ids"]
+                else:
+                    raise DataError(f"{loc}: a PPO-ptx row needs a non-empty 'text', or 'prompt' and 'response'")
+                ids = (head + body + ([eos] if eos is not None else []))[: self.ptx_max_length]
+                if len(ids) - max(len(head), 1) < 1:
+                    continue  # nothing left to train on after the cut
+                self.ptx_ids.append(ids)
+                self.ptx_loss_start.append(max(len(head), 1))
+        if len(self.ptx_ids) < self.ptx_batch_size:
+            raise DataError(f"data.ptx_files: {len(self.ptx_ids)} usable sequences, fewer than "
+                            f"data.ptx_batch_size={self.ptx_batch_size}")
+
+    def next_ptx_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """This rank's share of the next PPO-ptx batch: right-padded ``(ids, attention_mask, loss_mask)``, where
+        ``loss_mask[:, t]`` marks the tokens whose log-prob is trained (predicted from position ``t - 1``). The
+        order is a seeded permutation per pass over the data; the position is checkpointed."""
+        if not self.ptx_ids:
+            return None
+        world = self.world_size
+        if self.ptx_batch_size % world:
+            raise ValueError(f"data.ptx_batch_size={self.ptx_batch_size} is not divisible by the {world} ranks")
+        per_pass = len(self.ptx_ids) - len(self.ptx_ids) % self.ptx_batch_size
+        if self.ptx_cursor + self.ptx_batch_size > per_pass:
+            self.ptx_epoch, self.ptx_cursor = self.ptx_epoch + 1, 0
+        g = torch.Generator().manual_seed(derive_seed(self.seed, 0x9771, self.ptx_epoch))
+        order = torch.randperm(len(self.ptx_ids), generator=g).tolist()
+        chosen = order[self.ptx_cursor : self.ptx_cursor + self.ptx_batch_size][self.rank :: world]
+        self.ptx_cursor += self.ptx_batch_size
+        seqs = [torch.tensor(self.ptx_ids[i]) for i in chosen]
+        ids = pad_sequence(seqs, batch_first=True, padding_value=self._pad_id())
+        lengths = torch.tensor([len(s) for s in seqs])
+        cols = torch.arange(ids.shape[1])[None, :]
+        attention = (cols < lengths[:, None]).long()
+        loss_mask = (cols >= torch.tensor([self.ptx_loss_start[i] for i in chosen])[:, None]) & attention.bool()
+        return ids, attention, loss_mask
 
     def _setup_val(self) -> None:
         val = load_prompts(self.val_files, self.val_prompt_key, self.val_answer_key, self.val_answer_after)
@@ -362,12 +432,15 @@ class RolloutDataModule(pl.LightningDataModule):
         self.cursor = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "batches_served": self.batches_served}
+        return {"epoch": self.epoch, "cursor": self.cursor, "batches_served": self.batches_served,
+                "ptx_epoch": self.ptx_epoch, "ptx_cursor": self.ptx_cursor}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict["epoch"]
         self.cursor = state_dict["cursor"]
         self.batches_served = state_dict["batches_served"]
+        self.ptx_epoch = state_dict.get("ptx_epoch", 0)
+        self.ptx_cursor = state_dict.get("ptx_cursor", 0)
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the stream already yields whole batches; workers=0: the engine lives here.

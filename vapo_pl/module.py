@@ -245,6 +245,8 @@ class VAPOModule(pl.LightningModule):
         dm = self.rollout_data
         if dm is None or not hasattr(dm, "sync_weights"):
             raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
+        if self.algorithm.ptx_coef > 0 and not getattr(dm, "ptx_ids", None):
+            raise ValueError("model.algorithm.ptx_coef > 0 needs PPO-ptx data: set data.ptx_files")
         self.temperature = dm.temperature
         self.max_response_length = dm.max_response_length
         dm.connect(self, actor=self.actor)
@@ -527,6 +529,10 @@ class VAPOModule(pl.LightningModule):
                         averaged["critic/vf_clipfrac"].append(vstats["vf_clipfrac"])
                     self.manual_backward(loss)
                     total = total + loss.detach()
+                if cfg.ptx_coef > 0 and not critic_only_epoch:
+                    ptx = self.ptx_backward()
+                    summed["actor/ptx_loss"] += ptx
+                    total = total + cfg.ptx_coef * ptx
                 for k, v in summed.items():
                     per_step[k].append(v)
                 for k, v in averaged.items():
@@ -546,6 +552,27 @@ class VAPOModule(pl.LightningModule):
         if bad is not None:
             out["_bad"] = bad  # read (and removed) by rl_step_on
         return out
+
+    def ptx_nll(self, ids: Tensor, attention: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed NLL, token count) of ``loss_mask``'s tokens under the actor (temperature 1): PPO-ptx's term."""
+        logits = self.actor(input_ids=ids, attention_mask=attention, position_ids=_position_ids(attention),
+                            use_cache=False).logits[:, :-1]
+        logp = logprobs_from_logits(logits, ids[:, 1:], 1.0, self.logprob_chunk_size)
+        mask = loss_mask[:, 1:]
+        return -(logp * mask).sum(), mask.sum()
+
+    def ptx_backward(self) -> Tensor:
+        """Add ``ptx_coef`` x the token-mean NLL of one PPO-ptx batch to the gradients (its own micro-batches; the
+        mean is over the batch's tokens on all ranks, as the RL loss's). Returns the NLL, detached."""
+        ids, attention, loss_mask = (t.to(self.device) for t in self.rollout_data.next_ptx_batch())
+        world = self._world
+        n_tok = (self._sum_across_ranks(loss_mask[:, 1:].sum().float()) / world).clamp(min=1)
+        nll_total = torch.zeros((), device=self.device)
+        for idx in torch.arange(len(ids), device=self.device).split(self.algorithm.micro_batch_size):
+            nll, _ = self.ptx_nll(ids[idx], attention[idx], loss_mask[idx])
+            self.manual_backward(self.algorithm.ptx_coef * nll / n_tok)
+            nll_total = nll_total + nll.detach() / n_tok
+        return nll_total
 
     def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs, fill=None
                    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
