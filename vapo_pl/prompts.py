@@ -113,3 +113,13 @@ def render_prompt(tokenizer, question: str, template: str) -> str:
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
     return template.format(prompt=question)
+
+
+def render_conversation(tokenizer, question: str, response: str, template: str = "chat") -> str:
+    """The text a reward model reads for one (question, response): with ``template == "chat"`` the tokenizer's chat
+    template over a user and an assistant turn; otherwise ``template.format(prompt=question) + response``. Reward
+    training (``PreferenceDataModule``) and scoring (the ``reward_model`` reward) both use it."""
+    if template == "chat":
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": response}], tokenize=False)
+    return template.format(prompt=question) + response

@@ -47,10 +47,10 @@ def load_reward_model(path: str, device: str, dtype: str):
 def conversation_texts(inputs: RewardInput, tokenizer) -> list[str]:
     """What the reward model reads for each sample: its chat template over (question, response) if it has one,
     else the policy's rendered prompt followed by the response."""
+    from vapo_pl.prompts import render_conversation
+
     if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": r}],
-                                              tokenize=False)
-                for q, r in zip(inputs.prompts, inputs.responses)]
+        return [render_conversation(tokenizer, q, r) for q, r in zip(inputs.prompts, inputs.responses)]
     return [p + r for p, r in zip(inputs.rendered_prompts, inputs.responses)]
 
 
