@@ -25,7 +25,8 @@ from vapo_pl.cli import ConfigError, build_parser, validate_run_config
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 PAPER = CONFIG_DIR / "vapo_qwen2.5_32b.yaml"
-FULL = sorted(CONFIG_DIR.glob("*.yaml"))
+RM_CONFIGS = sorted(CONFIG_DIR.glob("rm_*.yaml"))  # reward-model training: vapo-pl-rm's parser
+FULL = sorted(set(CONFIG_DIR.glob("*.yaml")) - set(RM_CONFIGS))
 OVERLAYS = sorted([*CONFIG_DIR.glob("ablations/*.yaml"), *CONFIG_DIR.glob("strategies/*.yaml")])
 STAND_IN_PROMPTS = "vapo_pl/data/gsm8k_test.jsonl"  # an existing prompt file (validation checks existence)
 
@@ -115,7 +116,7 @@ def paper_printed(parser):
 def test_every_yaml_is_covered():
     """A YAML in a new folder would otherwise never be parsed by these tests."""
     everything = set(CONFIG_DIR.rglob("*.yaml")) | set(CONFIG_DIR.rglob("*.yml"))
-    assert everything == set(FULL) | set(OVERLAYS)
+    assert everything == set(FULL) | set(OVERLAYS) | set(RM_CONFIGS)
     assert len(FULL) >= 12 and len(OVERLAYS) >= 11
     for overlay in OVERLAYS:  # an overlay states only what it changes: no class, no model path
         text = yaml.safe_load(overlay.read_text())
@@ -154,6 +155,12 @@ DEFINING = {
     "eval_gsm8k.yaml": {  # evaluation only: GSM8K greedy accuracy, the number after "####"
         **data(val_files="vapo_pl/data/gsm8k_test.jsonl", val_prompt_key="question", val_answer_after="####"),
         "trainer.callbacks.0.init_args.temperature": 0.0,
+    },
+    "ppo_rm_demo.yaml": {  # RLHF-PPO: the reward model as reward and critic, KL penalty, sample-level loss
+        **algo(estimator="gae", lambda_policy=0.95, lambda_critic=0.95, eps_low=0.2, eps_high=0.2,
+               loss_agg_mode="seq-mean-token-mean", nll_coef=0.0, kl_reward_coef=0.05),
+        "model.init_args.critic_init": "reward_model",
+        "data.init_args.reward.1.weight": 0.0,
     },
     "vapo_qwen2.5_32b.yaml": {
         **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=0.05, eps_low=0.2, eps_high=0.28,
@@ -296,7 +303,7 @@ def test_printed_config_is_a_reusable_config(parser, tmp_path):
     assert cfg.model.init_args.algorithm.eps_high == 0.28 and cfg.data.init_args.samples_per_prompt == 16
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FULL, ids=lambda p: p.name)
 def test_held_out_files_load_with_the_configured_keys(path):
     """Every config's val_files must load with its val keys (AIME24 rows say problem, not prompt)."""
     import yaml
@@ -310,3 +317,18 @@ def test_held_out_files_load_with_the_configured_keys(path):
                            data.get("val_prompt_key") or data.get("prompt_key", "prompt"),
                            data.get("val_answer_key") or data.get("answer_key", "answer"))
     assert records and all(r.answer for r in records)
+
+
+@pytest.mark.parametrize("config", RM_CONFIGS, ids=_ids(RM_CONFIGS))
+def test_reward_model_config_parses(config):
+    """``vapo-pl-rm fit --config ... --print_config`` keeps every value the YAML sets."""
+    from vapo_pl.reward_modeling import main as rm_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        rm_main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    text = out.getvalue()
+    printed = yaml.safe_load(text[text.index("# lightning.pytorch=="):])
+    assert_contains(printed, yaml.safe_load(config.read_text()))
+
