@@ -66,6 +66,7 @@ def test_reward_model_then_ppo_with_it(tiny_model_dir, tmp_path, pair_files, mon
     from vapo_pl import cli
     from vapo_pl.reward_modeling import main as rm_main
 
+    monkeypatch.chdir(tmp_path)  # with logger: false, Lightning writes the run's config.yaml into the working directory
     train, val = pair_files
     rm_dir = tmp_path / "rm"
     rm_cfg = tmp_path / "rm.yaml"

@@ -27,6 +27,7 @@ same tokens (vLLM's ``external_launcher`` relies on identical scheduling and sam
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -179,6 +180,10 @@ class VLLMEngine(RolloutEngine):
         if distributed:
             # One engine per rank, built by every rank at once; reuses the trainer's process group.
             kwargs["distributed_executor_backend"] = "external_launcher"
+        # An earlier engine of this process that is unreachable but not yet collected (a finished run's, held in a
+        # reference cycle) tears down vLLM's process-wide parallel groups when the collector gets to it; if that
+        # happened after this engine set them up, its first generate call would fail. Collect it now.
+        gc.collect()
         with _preserved_global_rng():
             self.llm = LLM(**kwargs)
         _quiet_weight_sync_logs()  # once per process: the filters stay on vLLM's module loggers
