@@ -67,3 +67,28 @@ def make_run(tiny_model_dir, prompt_file, tmp_path):
         return module, dm, pl.Trainer(**tkw)
 
     return build
+
+
+@pytest.fixture
+def refuse_model_loads(monkeypatch):
+    """Loading a policy, a critic or a rollout engine records the call and raises: for tests of what must fail
+    (or finish) before any model loads. Returns the list of attempted loads."""
+    import transformers
+
+    import vapo_pl.critic
+    import vapo_pl.rollout.factory
+
+    calls: list[str] = []
+
+    def refuse(name):
+        def load(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} called before any model may load")
+
+        return load
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("AutoModelForCausalLM"))
+    monkeypatch.setattr(vapo_pl.critic.ValueModel, "from_pretrained", refuse("ValueModel"))
+    monkeypatch.setattr(vapo_pl.rollout.factory, "build_engine", refuse("build_engine"))
+    return calls
+

@@ -29,28 +29,11 @@ ALGO = "--model.init_args.algorithm."
 
 
 @pytest.fixture
-def model_loads(monkeypatch, tmp_path):
+def model_loads(refuse_model_loads, monkeypatch, tmp_path):
     """Calls that would load weights or a vLLM engine; each raises if it happens."""
-    import transformers
-
-    import vapo_pl.critic
-    import vapo_pl.rollout.factory
-
-    calls: list[str] = []
-
-    def refuse(name):
-        def load(*args, **kwargs):
-            calls.append(name)
-            raise AssertionError(f"{name} called while parsing the configuration")
-
-        return load
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("AutoModelForCausalLM"))
-    monkeypatch.setattr(vapo_pl.critic.ValueModel, "from_pretrained", refuse("ValueModel"))
-    monkeypatch.setattr(vapo_pl.rollout.factory, "build_engine", refuse("build_engine"))
     monkeypatch.setattr(sys, "argv", ["vapo-pl"])  # main(args) warns when sys.argv holds pytest's arguments
     monkeypatch.chdir(tmp_path)  # logs or checkpoints of a run that slipped past the checks land here
-    return calls
+    return refuse_model_loads
 
 
 @pytest.fixture

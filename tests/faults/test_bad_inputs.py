@@ -130,25 +130,11 @@ def _tree(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("case", sorted(ROWS))
-def test_bad_input_fails_in_one_line_before_anything_loads(case, tmp_path, tiny_model_dir, monkeypatch, capfd):
-    import transformers
-
-    import vapo_pl.critic
-    import vapo_pl.rollout.factory
+def test_bad_input_fails_in_one_line_before_anything_loads(case, tmp_path, tiny_model_dir, monkeypatch, capfd,
+                                                          refuse_model_loads):
     from vapo_pl.cli import main
 
-    loaded: list[str] = []
-
-    def refuse(name):
-        def load(*args, **kwargs):
-            loaded.append(name)
-            raise AssertionError(f"{name} loaded for a bad input")
-
-        return load
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("model"))
-    monkeypatch.setattr(vapo_pl.critic.ValueModel, "from_pretrained", refuse("critic"))
-    monkeypatch.setattr(vapo_pl.rollout.factory, "build_engine", refuse("engine"))
+    loaded = refuse_model_loads
     monkeypatch.setattr(sys, "argv", ["vapo-pl"])
     monkeypatch.chdir(tmp_path)
     args = _setup(case, tmp_path, tiny_model_dir)

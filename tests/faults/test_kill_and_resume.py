@@ -140,11 +140,15 @@ def _assert_same_as_reference(root: Path, reference: dict) -> None:
         assert got[tag] == reference[tag], tag  # bit-identical values at the same steps
 
 
-def test_kill_9_mid_checkpoint_write_and_mid_step_resumes_to_the_same_run(setup):
+def _new_run(setup, name: str) -> tuple[Path, Path, Path, dict]:
+    """(run dir, config, checkpoint dir, reference scalars) for a run named ``name`` of the shared workload."""
     base, prompts, model, reference = setup
-    root = base / "killed"
-    config = _config(root, model, prompts)
-    ckpt = root / "ckpt"
+    root = base / name
+    return root, _config(root, model, prompts), root / "ckpt", reference
+
+
+def test_kill_9_mid_checkpoint_write_and_mid_step_resumes_to_the_same_run(setup):
+    root, config, ckpt, reference = _new_run(setup, "killed")
 
     # 1. SIGKILL while step 2's checkpoint is being written: its staging file is complete, the rename is pending
     proc = _start(SLOW_CLI, config)
@@ -170,10 +174,7 @@ def test_kill_9_mid_checkpoint_write_and_mid_step_resumes_to_the_same_run(setup)
 
 
 def test_sigterm_saves_at_the_step_boundary_and_resumes(setup):
-    base, prompts, model, reference = setup
-    root = base / "sigterm"
-    config = _config(root, model, prompts)
-    ckpt = root / "ckpt"
+    root, config, ckpt, reference = _new_run(setup, "sigterm")
     proc = _start(CLI, config)
     _wait_for(lambda: any(ckpt.glob("*step=2.ckpt")), proc)
     t0 = time.monotonic()
@@ -195,9 +196,7 @@ def test_nan_rewards_from_step_3_skip_keep_checkpoints_finite_then_stop_in_one_l
     in a row (step 5) stops the run: exit code 1, the last stderr line says why, no traceback."""
     import torch
 
-    base, prompts, model, _ = setup
-    root = base / "nan"
-    config = _config(root, model, prompts)
+    root, config, _, _ = _new_run(setup, "nan")
     proc = _start(CLI, config, "--model.class_path", "tests.faults._modules.NaNRewards",
                   "--model.init_args.nan_from_step", "3", "--trainer.max_steps", "8")
     assert _finish(proc) == 1
