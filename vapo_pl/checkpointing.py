@@ -110,7 +110,7 @@ def checkpoint_meta(path: str | Path) -> dict[str, Any]:
             return {}
     try:
         ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # not a zip-format file: read it whole
+    except Exception:  # noqa: BLE001  (not a zip-format file: read it whole)
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     vapo = ckpt.get("vapo", {}) if isinstance(ckpt, dict) else {}
     pretrain = next((v for k, v in ckpt.get("callbacks", {}).items() if "ValuePretraining" in str(k)), {}) \

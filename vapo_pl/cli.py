@@ -356,8 +356,10 @@ class _OneLineParser(LightningArgumentParser):
     "Does not validate against any of the Union subtypes" report to its key path and innermost message."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active
-
+        try:
+            from jsonargparse._common import debug_mode_active
+        except ImportError:  # a jsonargparse without it: keep its own report
+            super().error(message, ex)
         if not self.exit_on_error or debug_mode_active():
             super().error(message, ex)
         sys.stderr.write(f"error: {condense_parse_error(message)}\n")

@@ -39,8 +39,8 @@ from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import PreparedBatch, RolloutBatch, StepOutput
 from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
-from vapo_pl.packing import Packed, pack, packed_targets
 from vapo_pl.critic import ValueModel
+from vapo_pl.packing import Packed, pack, packed_targets
 from vapo_pl.prompts import PromptRecord, render_prompt
 from vapo_pl.rewards.base import RewardInput, RewardOutput
 

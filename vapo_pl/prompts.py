@@ -29,7 +29,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
 
         try:
             ds = load_from_disk(str(path))
-        except Exception as e:  # datasets raises FileNotFoundError, ValueError, ... for a wrong directory
+        except Exception as e:  # noqa: BLE001  (datasets raises many types for a wrong directory)
             raise DataError(f"{path}: not a dataset saved with save_to_disk ({_first_line(e)})") from None
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take "train"
             ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
@@ -39,7 +39,7 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
 
         try:
             table = pq.read_table(path)
-        except Exception as e:  # pyarrow.ArrowInvalid and friends
+        except Exception as e:  # noqa: BLE001  (pyarrow.ArrowInvalid and friends)
             raise DataError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
         return [(f"{path}[{i}]", r) for i, r in enumerate(table.to_pylist())]
     if path.suffix in (".jsonl", ".json"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -228,6 +227,6 @@ def main(args: list[str] | None = None) -> int:
 if __name__ == "__main__":  # python -m vapo_pl.reward_modeling: run the package's module, not this __main__ copy
     import sys
 
-    from vapo_pl import reward_modeling
+    from vapo_pl import reward_modeling  # noqa: PLW0406  (the package module, not this __main__ copy)
 
     sys.exit(reward_modeling.main(sys.argv[1:]))

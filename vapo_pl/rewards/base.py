@@ -96,7 +96,7 @@ def complete_reward(out: Any, b: int, source: str) -> RewardOutput:
     """Check ``out`` (from ``source``) is a ``RewardOutput`` for ``b`` samples and fill what a rollout batch needs:
     ``correct`` (default ``scores > 0``) and ``terms`` (default one term named after ``source``). One-line errors."""
     if not isinstance(out, RewardOutput):
-        raise ValueError(f"{source} returned {type(out).__name__}, expected RewardOutput")
+        raise ValueError(f"{source} returned {type(out).__name__}, expected RewardOutput")  # noqa: TRY004  (input errors are ValueErrors here)
     scores = out.scores
     if not isinstance(scores, Tensor) or scores.shape != (b,):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
