@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,8 @@ class RolloutDataModule(pl.LightningDataModule):
         else:
             texts = [render_prompt(tok, r.prompt, self.template) for r in records]
         ids = tok(texts, add_special_tokens=self.template != "chat")["input_ids"]
-        kept = [(r, i) for r, i in zip(records, ids) if len(i) <= self.max_prompt_length]
+        kept = [(replace(r, rendered=text), i) for r, text, i in zip(records, texts, ids)
+                if len(i) <= self.max_prompt_length]
         dropped = len(records) - len(kept)
         return [r for r, _ in kept], [i for _, i in kept], dropped
 
@@ -552,10 +554,9 @@ class RolloutDataModule(pl.LightningDataModule):
         truncated = torch.tensor([c.truncated for c in comps], dtype=torch.bool)
         group_index = torch.arange(len(idx)).repeat_interleave(n)
         prompts_text = [records[i].prompt for i in sample_prompt]
-        rendered = dict(zip(idx, tok.batch_decode([prompt_ids[i] for i in idx], skip_special_tokens=False)))
         reward_input = RewardInput(
             prompts=prompts_text,
-            rendered_prompts=[rendered[i] for i in sample_prompt],
+            rendered_prompts=[records[i].rendered for i in sample_prompt],
             responses=texts,
             answers=[records[i].answer for i in sample_prompt],
             group_index=group_index,

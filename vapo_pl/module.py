@@ -247,11 +247,15 @@ class VAPOModule(pl.LightningModule):
             raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
         if self.algorithm.ptx_coef > 0 and not getattr(dm, "ptx_ids", None):
             raise ValueError("model.algorithm.ptx_coef > 0 needs PPO-ptx data: set data.ptx_files")
+        self._connect(dm)
+
+    def _connect(self, dm) -> None:
+        """Take the sampler's settings from the DataModule and hand it the hooks. The engine loaded model_path; after
+        a resume (or for a checkpoint's evaluation) the actor differs, so the engine gets the actor's weights before
+        it first generates (the DataModule pulls them if a callback generates before ``on_train_start``)."""
         self.temperature = dm.temperature
         self.max_response_length = dm.max_response_length
         dm.connect(self, actor=self.actor)
-        # The engine loaded model_path; after a resume the actor differs, so the engine gets the actor's weights
-        # before it first generates (the DataModule pulls them if a callback generates before on_train_start).
         dm.expect_weights(lambda: self.sync_weights(bump=False))
 
     @property
@@ -267,10 +271,7 @@ class VAPOModule(pl.LightningModule):
         dm = self.rollout_data
         if dm is None or not hasattr(dm, "sync_weights"):
             raise RuntimeError("VAPOModule evaluates through a RolloutDataModule: pass datamodule=...")
-        self.temperature = dm.temperature
-        self.max_response_length = dm.max_response_length
-        dm.connect(self, actor=self.actor)
-        dm.expect_weights(lambda: self.sync_weights(bump=False))  # a checkpoint's actor, not model_path's
+        self._connect(dm)
         dm.ensure_weights()
 
     on_test_start = on_validation_start

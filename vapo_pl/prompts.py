@@ -20,6 +20,7 @@ class PromptRecord:
     answer: str | None  # gold answer (None for unlabeled data, e.g. TTRL)
     source: str  # "<file>:<line>" for error messages and per-source metrics
     extra: dict[str, Any] = field(default_factory=dict)  # other fields of the row
+    rendered: str | None = None  # the prompt as the policy sees it (set when the DataModule tokenises it)
 
 
 def _read_rows(path: Path) -> list[tuple[str, dict]]:

@@ -22,3 +22,11 @@ class NaNRewards(VAPOModule):
         if self.rl_step + 1 >= self.nan_from_step:
             rewards[0, 0] = float("nan")
         return rewards
+
+
+class BrokenActor(VAPOModule):
+    """Fails to build its actor with a ValueError: after the log directory exists (Lightning writes the run's
+    config there when callbacks set up), before training starts."""
+
+    def build_actor(self):
+        raise ValueError("model.model_path: this actor cannot be built (test)")

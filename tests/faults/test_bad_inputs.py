@@ -8,6 +8,7 @@ empty, no model or engine was loaded, nothing was written to the run's directory
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import sys
@@ -167,26 +168,46 @@ def test_the_catalogue_has_every_kind_of_bad_input():
         assert set(cases) <= set(ROWS), kind
 
 
+@pytest.mark.parametrize(("module", "line"), [
+    ("LongPrompts", "error: data.max_prompt_length=32: every training prompt is longer"),
+    ("BrokenActor", "error: model.model_path: this actor cannot be built (test)"),
+])
 def test_an_input_error_found_while_setting_up_is_one_line_and_removes_the_new_log_dir(tmp_path, tiny_model_dir,
-                                                                                       monkeypatch, capfd):
-    """What the parse-time checks cannot see (here a module's own ``build_prompt`` makes every prompt too long)
-    fails when the DataModule sets up, before any model loads: one ``error:`` line, exit 2, no traceback, and the
-    TensorBoard version directory the run had created is gone."""
-    import transformers
+                                                                                       monkeypatch, capfd, module,
+                                                                                       line):
+    """What the parse-time checks cannot see fails while the trainer sets up, before training starts: a module's own
+    ``build_prompt`` that makes every prompt too long (the DataModule's setup), or an actor that cannot be built
+    (after Lightning has written the run's config into the new TensorBoard version directory). One ``error:`` line,
+    exit 2, no traceback, and no version directory left."""
+    import lightning.pytorch.cli
 
     from vapo_pl.cli import main
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
     monkeypatch.setattr(sys, "argv", ["vapo-pl"])
     monkeypatch.chdir(tmp_path)
+    written = []
+    real = lightning.pytorch.cli.SaveConfigCallback.setup
+
+    def spy(self, trainer, pl_module, stage):
+        real(self, trainer, pl_module, stage)
+        written.append(trainer.log_dir)
+
+    monkeypatch.setattr(lightning.pytorch.cli.SaveConfigCallback, "setup", spy)
     args = _setup("eps-low", tmp_path, tiny_model_dir)[:3]  # the valid configuration
-    args += ["--model.class_path", "tests.faults._modules.LongPrompts"]
+    args += ["--model.class_path", f"tests.faults._modules.{module}"]
+    # Library loggers created during an earlier case of this process may still write to that case's captured (now
+    # closed) stderr, which logging reports with a traceback of its own: point them at the current one.
+    for logger in [logging.getLogger(), *map(logging.getLogger, list(logging.root.manager.loggerDict))]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed stream first
     capfd.readouterr()
     code = main(args)
     out, err = capfd.readouterr()
     assert code == 2
-    lines = err.strip().splitlines()
-    assert lines[-1] == "error: data.max_prompt_length=32: every training prompt is longer"
+    assert err.strip().splitlines()[-1] == line
     assert "Traceback" not in err and "Traceback" not in out
-    assert not (tmp_path / "tb" / "run").exists() or not any((tmp_path / "tb" / "run").iterdir())
+    if module == "BrokenActor":
+        assert written, "the config was not written: the cleanup would not be exercised"
+    run_dir = tmp_path / "tb" / "run"
+    assert not run_dir.exists() or not any(run_dir.iterdir())

@@ -109,12 +109,20 @@ def test_packed_losses_and_gradients_equal_padded(modules):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_padded_path_by_config(make_run):
-    """``packing: false`` keeps the padded forward (and trains)."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_packing_switch_chooses_the_forward(make_run, monkeypatch, packing):
+    """``packing: false`` keeps the padded forward: no batch is packed in a whole RL step; ``true`` packs each
+    forward (old values, update) of the step."""
+    import vapo_pl.module
+
+    packed = []
+    real = vapo_pl.module.pack
+    monkeypatch.setattr(vapo_pl.module, "pack", lambda *a, **k: packed.append(1) or real(*a, **k))
     module, dm, trainer = make_run(trainer={"max_steps": 1})
-    module.packing = False
+    module.packing = packing
     trainer.fit(module, datamodule=dm)
     assert module.rl_step == 1
+    assert (len(packed) > 0) is packing
 
 
 class _Recorder:
