@@ -10,6 +10,12 @@ a run collapsed) and ``<out>/compare.png`` (held-out accuracy against RL step), 
     python benchmarks/compare_algorithms.py --runs vapo grpo --seeds 1 --steps 10
     # after changing VAPO's settings in demo.yaml: train VAPO and its ablations again, keep the baselines
     python benchmarks/compare_algorithms.py --reuse docs/results/compare_curves.json --retrain vapo wo_...
+
+Value pretraining is shared: a run whose pretraining would be the same as an earlier run's of the same seed (same
+config apart from algorithm fields pretraining never reads, e.g. the ablations of Decoupled-GAE, Clip-Higher or the
+LM loss) loads the critic that run saved instead of pretraining again; its samples and minutes still count that
+pretraining. Such a run starts RL at the first prompts, where its producer starts after the pretraining batches.
+``--no-share-pretraining`` turns this off.
 """
 
 from __future__ import annotations
@@ -92,6 +98,24 @@ def make_config(base: dict, run: str) -> dict:
     return cfg
 
 
+# algorithm fields that value pretraining never reads (it trains the critic alone on Monte-Carlo returns)
+_NOT_READ_BY_PRETRAINING = ("lambda_policy", "lambda_critic", "length_adaptive_alpha", "eps_low", "eps_high",
+                            "loss_agg_mode", "nll_coef")
+
+
+def pretraining_key(cfg: dict, seed: int) -> str | None:
+    """Runs with equal keys pretrain the same critic: the config without what pretraining never reads. None when the
+    run has no value pretraining."""
+    if not any(c["class_path"].endswith("ValuePretraining") for c in cfg["trainer"]["callbacks"]):
+        return None
+    rest = copy.deepcopy(cfg)
+    algo = rest["model"]["init_args"]["algorithm"]
+    for k in _NOT_READ_BY_PRETRAINING:
+        algo.pop(k, None)
+    rest["seed_everything"] = seed
+    return json.dumps(rest, sort_keys=True)
+
+
 def read_curve(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -102,8 +126,18 @@ def read_curve(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     return sorted({e.step: e.value for e in acc.Scalars(tag)}.items())
 
 
-def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval_every: int | None = None) -> dict:
+def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval_every: int | None = None,
+            shared: dict | None = None) -> dict:
+    """Train one run. ``shared`` (key -> producing result) lets runs whose value pretraining would be the same as an
+    earlier run's (``pretraining_key``) load that run's pretrained critic instead of pretraining again."""
     cfg = make_config(base, run)
+    key = pretraining_key(cfg, seed) if shared is not None else None
+    producer = shared.get(key) if key is not None else None
+    if key is not None:
+        pre = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ValuePretraining"))
+        pre["init_args"] = dict(pre.get("init_args") or {})
+        critic_file = work / f"pretrained_critic_{len(shared) if producer is None else producer['_critic_id']}.pt"
+        pre["init_args"]["load_path" if producer else "save_path"] = str(critic_file)
     ev = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("Evaluation"))["init_args"]
     if eval_every is not None:
         ev["every_n_steps"] = eval_every
@@ -134,12 +168,34 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
     per_round = data["prompts_per_step"] * data["samples_per_prompt"]
     rounds = sum(v for _, v in read_curve(log_dir, "rollout/sampling_rounds"))
     pretrain_steps = len(read_curve(log_dir, "pretrain/value_loss"))
-    return {"run": run, "seed": seed, "seconds": seconds, "tag": tag, "accuracy": read_curve(log_dir, tag),
-            "length": read_curve(log_dir, "rollout/response_length_mean"),
-            "explained_var": read_curve(log_dir, "critic/explained_var"),
-            "pretrain_explained_var": read_curve(log_dir, "pretrain/explained_var"),
-            "samples": int(per_round * (rounds + pretrain_steps)), "max_steps": cfg["trainer"]["max_steps"],
-            "eval_every": ev["every_n_steps"]}
+    pretrain_ev = read_curve(log_dir, "pretrain/explained_var")
+    pretrain_seconds = 0.0
+    if producer is not None:  # the critic it loaded cost the producer's pretraining samples and time
+        pretrain_steps, pretrain_ev = producer["pretrain_steps"], producer["pretrain_explained_var"]
+        pretrain_seconds = producer["pretrain_seconds"]
+    result = {"run": run, "seed": seed, "seconds": seconds + pretrain_seconds, "tag": tag,
+              "accuracy": read_curve(log_dir, tag), "length": read_curve(log_dir, "rollout/response_length_mean"),
+              "explained_var": read_curve(log_dir, "critic/explained_var"), "pretrain_explained_var": pretrain_ev,
+              "pretrain_steps": pretrain_steps, "samples": int(per_round * (rounds + pretrain_steps)),
+              "max_steps": cfg["trainer"]["max_steps"], "eval_every": ev["every_n_steps"],
+              "pretrained_critic_from": producer["run"] if producer else None}
+    if key is not None and producer is None:
+        result["_critic_id"] = len(shared)
+        result["pretrain_seconds"] = _pretrain_seconds(log_dir)
+        shared[key] = result
+    return result
+
+
+def _pretrain_seconds(log_dir: Path) -> float:
+    """Wall time from the first to the last value-pretraining step (TensorBoard's event times)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "pretrain/value_loss" not in acc.Tags()["scalars"]:
+        return 0.0
+    times = [e.wall_time for e in acc.Scalars("pretrain/value_loss")]
+    return max(times) - min(times)
 
 
 def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
@@ -229,6 +285,9 @@ def main() -> None:
                     help="compare_curves.json or partial_results.json of an earlier comparison: its (run, seed) "
                          "results are taken as they are instead of trained again, except for --retrain's runs")
     ap.add_argument("--retrain", nargs="*", default=[], help="runs trained again even when --reuse holds them")
+    ap.add_argument("--no-share-pretraining", action="store_true",
+                    help="every run pretrains its own critic (default: runs whose value pretraining would be the "
+                         "same as an earlier run's of the same seed load that run's pretrained critic)")
     args = ap.parse_args()
     unknown = sorted(set(args.runs + args.retrain) - set(BASELINE_SEEDS_RUNS + ABLATIONS))
     if unknown:
@@ -247,6 +306,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     steps = args.steps if args.steps is not None else base["trainer"]["max_steps"]
     results = []
+    shared = None if args.no_share_pretraining else {}
     for run in args.runs:
         for seed in range(args.seeds if run in BASELINE_SEEDS_RUNS else args.ablation_seeds):
             if (run, seed) in reused:
@@ -257,7 +317,7 @@ def main() -> None:
                 results.append(old)
                 print(f"{run:28s} seed {seed}: reused from {args.reuse}", flush=True)
                 continue
-            r = run_one(base, run, seed, args.steps, work, args.eval_every)
+            r = run_one(base, run, seed, args.steps, work, args.eval_every, shared)
             acc = r["accuracy"]
             print(f"{run:28s} seed {seed}: {acc[0][1] if acc else float('nan'):.3f} -> "
                   f"{acc[-1][1] if acc else float('nan'):.3f} in {r['seconds'] / 60:.1f} min", flush=True)

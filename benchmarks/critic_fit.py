@@ -151,14 +151,15 @@ def report(name: str, values: torch.Tensor, returns: torch.Tensor, mask: torch.T
 def main(argv: list[str] | None = None, grade=None) -> dict:
     """Run the diagnostic; ``grade`` replaces the ``math_verify`` grading (tests)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policy", default=None, help="policy directory (default: the demo base policy, built if needed)")
-    ap.add_argument("--train-file", default=str(REPO / "vapo_pl/demo/data/train.jsonl"))
-    ap.add_argument("--heldout-file", default=str(REPO / "vapo_pl/demo/data/heldout.jsonl"))
+    ap.add_argument("--policy", default=None, help="policy directory (default: the task's base policy, built if needed)")
+    ap.add_argument("--train-file", default=None, help="default: the task's training split")
+    ap.add_argument("--heldout-file", default=None, help="default: the task's held-out split")
     ap.add_argument("--train-prompts", type=int, default=512)
     ap.add_argument("--heldout-prompts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--task", default="demo", choices=["demo", "none"], help="task rule reference")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default: 96 (demo), 140 (long)")
+    ap.add_argument("--task", default="demo", choices=["demo", "long", "none"],
+                    help="embedded task (base policy, splits and the carry rule as reference); none: no rule")
     ap.add_argument("--steps", type=int, default=400, help="minibatches (each --epochs optimizer steps)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=1, help="optimizer steps per minibatch (critic epochs)")
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     ap.add_argument("--return-scale", type=float, default=1.0, help="targets multiplied by this (values divided back)")
     ap.add_argument("--targets", default="returns", choices=["returns", "rule"])
     ap.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
+    ap.add_argument("--stream-prompts", type=int, default=0,
+                    help="draw minibatches as the trainer does: this many prompts' samples at a time, shuffled "
+                         "among themselves (0: every minibatch drawn from all training rollouts)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -179,13 +183,17 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     ap.add_argument("--cache", default=str(REPO / ".cache" / "critic_fit"), help="where rollouts are cached")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    split = "long_" if args.task == "long" else ""
+    args.train_file = args.train_file or str(REPO / f"vapo_pl/demo/data/{split}train.jsonl")
+    args.heldout_file = args.heldout_file or str(REPO / f"vapo_pl/demo/data/{split}heldout.jsonl")
+    args.max_tokens = args.max_tokens or (140 if args.task == "long" else 96)
 
     from vapo_pl.algorithms.aggregation import aggregate
     from vapo_pl.algorithms.value import value_loss
     from vapo_pl.demo.prepare import policy_dir
     from vapo_pl.module import VAPOModule
 
-    policy = policy_dir(args.policy)
+    policy = policy_dir(args.policy, task="long" if args.task == "long" else "demo")
     data = rollouts(policy, {"train": args.train_file, "heldout": args.heldout_file},
                     {"train": args.train_prompts, "heldout": args.heldout_prompts}, args.samples, args.max_tokens,
                     seed=1234, cache=Path(args.cache), grade=grade)
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     pad_id = AutoTokenizer.from_pretrained(policy).pad_token_id
 
     rule = None
-    if args.task == "demo":
+    if args.task in ("demo", "long"):
         from vapo_pl.demo.value_rule import RuleValue
 
         rule = RuleValue.fit(train["prompts"], train["texts"], train["scores"].tolist())
@@ -242,7 +250,19 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
 
     g = torch.Generator().manual_seed(args.seed)
     n = len(train["scores"])
-    order = torch.randperm(n, generator=g)
+
+    def permutation() -> torch.Tensor:
+        if not args.stream_prompts:
+            return torch.randperm(n, generator=g)
+        groups = train["group"]
+        prompts = torch.randperm(int(groups.max()) + 1, generator=g).split(args.stream_prompts)
+        parts = []
+        for chunk in prompts:
+            rows = torch.nonzero(torch.isin(groups, chunk)).squeeze(1)
+            parts.append(rows[torch.randperm(len(rows), generator=g)])
+        return torch.cat(parts)
+
+    order = permutation()
     pos = 0
     curve = []
     t_train = 0.0
@@ -251,7 +271,7 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
           f"{args.grad_clip or None}, epochs {args.epochs}, return scale {scale}, targets {args.targets}", flush=True)
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > n:
-            order, pos = torch.randperm(n, generator=g), 0
+            order, pos = permutation(), 0
         idx = order[pos : pos + args.batch_size]
         pos += args.batch_size
         t0 = time.perf_counter()

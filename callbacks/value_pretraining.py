@@ -27,6 +27,11 @@ class ValuePretraining(pl.Callback):
         lr: critic learning rate during pretraining (default: the module's ``optim.critic_lr``).
         save_path: write the pretrained critic's weights here (rank 0).
         load_path: start from a critic saved earlier and skip pretraining.
+        replay_batches: each update draws its rows from the last this many rollout batches (the policy is frozen,
+            so all are on-policy) instead of the newest batch alone, so its minibatches mix many prompts. With 16
+            prompts per batch, minibatches from one batch at a time taught the critic less than half as much per
+            sample (``benchmarks/critic_fit.py --stream-prompts``). 1 = the newest batch only. The buffer is not
+            checkpointed: a resumed pretraining refills it.
 
     TensorBoard: ``pretrain/*`` is written at steps ``1 - limit, ..., 0`` (``limit`` = the planned steps), so
     pretraining ends at step 0 and RL steps start at 1 on the same axis; a resumed run that purges the RL steps it
@@ -43,6 +48,7 @@ class ValuePretraining(pl.Callback):
         lr: float | None = None,
         save_path: str | None = None,
         load_path: str | None = None,
+        replay_batches: int = 1,
     ) -> None:
         if steps < 0:
             raise ValueError(f"ValuePretraining.steps must be >= 0, got {steps}")
@@ -50,6 +56,8 @@ class ValuePretraining(pl.Callback):
             raise ValueError(f"ValuePretraining.max_steps must be >= 1, got {max_steps}")
         if window < 1:
             raise ValueError(f"ValuePretraining.window must be >= 1, got {window}")
+        if replay_batches < 1:
+            raise ValueError(f"ValuePretraining.replay_batches must be >= 1, got {replay_batches}")
         if lr is not None and not lr > 0:
             raise ValueError(f"ValuePretraining.lr must be > 0, got {lr}")
         if value_loss_threshold is not None and value_loss_threshold < 0:
@@ -62,6 +70,7 @@ class ValuePretraining(pl.Callback):
         self.lr = lr
         self.save_path = save_path
         self.load_path = load_path
+        self.replay_batches = replay_batches
         self.done = False
         self.steps_done = 0
         self.history: list[dict[str, float]] = []
@@ -104,6 +113,7 @@ class ValuePretraining(pl.Callback):
         group = next(g for g in opt.param_groups if g["name"] == "critic")
         saved_lr = group["lr"]
         group["lr"] = self.lr or pl_module.optim.critic_lr
+        replay: list = []  # the previous batches, newest last, at most replay_batches - 1
         try:
             while self.steps_done < limit:
                 if trainer.received_sigterm:  # stop at this step boundary; resuming continues from here
@@ -112,7 +122,9 @@ class ValuePretraining(pl.Callback):
                 if batch is None:
                     dm.start_new_epoch()
                     continue
-                metrics = pl_module.value_pretrain_step(batch)
+                metrics = pl_module.value_pretrain_step(batch, replay, draw=self.steps_done)
+                if self.replay_batches > 1:
+                    replay = [*replay, batch][-(self.replay_batches - 1):]
                 self.steps_done += 1
                 self.history.append(metrics)
                 for logger in trainer.loggers:

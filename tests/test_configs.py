@@ -143,9 +143,11 @@ DEFINING = {
     },
     "demo_long.yaml": {  # the same seven techniques on the long task, with the critic settings it needs
         **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=1.0, eps_low=0.2, eps_high=0.28,
-               loss_agg_mode="token-mean", nll_coef=0.1, critic_epochs=2),
+               loss_agg_mode="token-mean", nll_coef=0.1, critic_epochs=4, critic_minibatch_size=16),
         **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0, max_response_length=144),
         "model.init_args.optim.critic_grad_clip": None,
+        "trainer.callbacks.0.init_args.replay_batches": 8,
+        "trainer.callbacks.0.init_args.explained_variance_threshold": 0.5,
         "trainer.accelerator": "cpu",
     },
     "eval_aime24.yaml": {  # evaluation only: AIME24 mean@32 at temperature 1.0, top_p 0.7 (the paper's)

@@ -132,18 +132,21 @@ def _check_paths(model, data) -> None:
 
 def _check_batch(algo, prompts: int, samples: int, world: int) -> None:
     batch = prompts * samples
-    if batch % algo.minibatch_size:
-        raise ConfigError(
-            f"model.algorithm.minibatch_size={algo.minibatch_size} does not divide the rollout batch "
-            f"data.prompts_per_step x data.samples_per_prompt = {prompts} x {samples} = {batch}"
-        )
+    sizes = {"minibatch_size": algo.minibatch_size}
+    if algo.critic_minibatch_size is not None:
+        sizes["critic_minibatch_size"] = algo.critic_minibatch_size
+    for name, size in sizes.items():
+        if batch % size:
+            raise ConfigError(
+                f"model.algorithm.{name}={size} does not divide the rollout batch "
+                f"data.prompts_per_step x data.samples_per_prompt = {prompts} x {samples} = {batch}"
+            )
     if world:
         if prompts % world:
             raise ConfigError(f"data.prompts_per_step={prompts} is not divisible by the {world} ranks")
-        if algo.minibatch_size % world:
-            raise ConfigError(
-                f"model.algorithm.minibatch_size={algo.minibatch_size} is not divisible by {world} ranks"
-            )
+        for name, size in sizes.items():
+            if size % world:
+                raise ConfigError(f"model.algorithm.{name}={size} is not divisible by {world} ranks")
         if (algo.minibatch_size // world) % algo.micro_batch_size:
             raise ConfigError(
                 f"model.algorithm.micro_batch_size={algo.micro_batch_size} does not divide the per-rank "

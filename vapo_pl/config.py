@@ -48,6 +48,9 @@ class AlgorithmConfig:
     ppo_epochs: int = 1  # passes over each rollout batch
     critic_epochs: int | None = None  # passes of the critic (>= ppo_epochs; the extra ones train it alone); None = ppo_epochs
     minibatch_size: int = 64  # samples per optimizer step, over all ranks (the paper: 512)
+    # samples per optimizer step of the critic-only passes (value pretraining, the extra critic_epochs); None =
+    # minibatch_size. Small minibatches teach the critic more per sample (benchmarks/critic_fit.py)
+    critic_minibatch_size: int | None = None
     micro_batch_size: int = 8  # samples per forward/backward on one rank (gradient accumulation)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class AlgorithmConfig:
         for name in ("ppo_epochs", "minibatch_size", "micro_batch_size", "kl_horizon", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"algorithm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.critic_minibatch_size is not None and self.critic_minibatch_size < 1:
+            raise ValueError(f"algorithm.critic_minibatch_size must be >= 1 or null, got {self.critic_minibatch_size}")
         if self.critic_epochs is not None and self.critic_epochs < self.ppo_epochs:
             raise ValueError(
                 f"algorithm.critic_epochs must be >= ppo_epochs ({self.ppo_epochs}) or null, got {self.critic_epochs}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -501,6 +501,10 @@ class RolloutDataModule(pl.LightningDataModule):
             out.stats["rollout/dynamic_sampling_filled"] = float(max(need - n_kept, 0))
         self.batches_served += 1
         return out
+
+    def concat(self, batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """One batch of all rows of ``batches`` (re-padded to the widest prompt and response; groups renumbered)."""
+        return _concat_groups(list(batches), sum(len(b) for b in batches), self._pad_id())
 
     def evaluate(self, indices: list[int], sampling: Callable[[int], Sampling], prompts_per_call: int
                  ) -> Iterator[RolloutBatch]:

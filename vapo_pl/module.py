@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -464,23 +465,29 @@ class VAPOModule(pl.LightningModule):
                                  reduce=self._sum_across_ranks)
         return ADVANTAGE_ESTIMATORS.get(self.algorithm.estimator)(inputs, params)
 
-    def _minibatches(self, n: int, epoch: int = 0) -> list[Tensor]:
+    def _minibatches(self, n: int, epoch: int = 0, critic_only: bool = False) -> list[Tensor]:
+        """Shuffled local row indices, one tensor per optimizer step; critic-only passes use
+        ``critic_minibatch_size`` when it is set."""
         cfg = self.algorithm
         world = self._world
-        if cfg.minibatch_size % world:
-            raise ValueError(f"algorithm.minibatch_size={cfg.minibatch_size} is not divisible by {world} ranks")
-        local = cfg.minibatch_size // world
+        name, size = "minibatch_size", cfg.minibatch_size
+        if critic_only and cfg.critic_minibatch_size is not None:
+            name, size = "critic_minibatch_size", cfg.critic_minibatch_size
+        if size % world:
+            raise ValueError(f"algorithm.{name}={size} is not divisible by {world} ranks")
+        local = size // world
         if n % local:
             raise ValueError(
-                f"algorithm.minibatch_size={cfg.minibatch_size} does not divide the rollout batch of {n * world} "
+                f"algorithm.{name}={size} does not divide the rollout batch of {n * world} "
                 "samples (prompts_per_step x samples_per_prompt)"
             )
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step + epoch * 7_919_000_003)
         return list(torch.randperm(n, generator=g).split(local))
 
     def update(self, batch: RolloutBatch, prep: PreparedBatch, adv: AdvantageOutputs,
-               critic_only: bool = False) -> dict[str, float]:
-        """K epochs over minibatches; one optimizer step per minibatch, micro-batches accumulate.
+               critic_only: bool = False, epochs: int | None = None) -> dict[str, float]:
+        """K epochs over minibatches (``epochs`` overrides K); one optimizer step per minibatch, micro-batches
+        accumulate.
 
         Each micro-batch's loss is divided by its minibatch's *global* counts (tokens, correct tokens,
         sequences; summed over ranks and divided by the world size, since DDP averages gradients), so the
@@ -503,9 +510,11 @@ class VAPOModule(pl.LightningModule):
         n_epochs = cfg.ppo_epochs
         if self.critic is not None:
             n_epochs = cfg.critic_epochs or cfg.ppo_epochs
+        if epochs is not None:
+            n_epochs = epochs
         for epoch in range(n_epochs):
             critic_only_epoch = critic_only or epoch >= cfg.ppo_epochs
-            for mb_idx in self._minibatches(len(batch), epoch):
+            for mb_idx in self._minibatches(len(batch), epoch, critic_only=critic_only_epoch):
                 mb_idx = mb_idx.to(device)
                 counts = torch.stack([policy_mask[mb_idx].sum(), batch.response_mask[mb_idx].sum(),
                                       positive_mask[mb_idx].sum()]).float()
@@ -638,19 +647,39 @@ class VAPOModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         return norms, bad
 
-    def value_pretrain_step(self, batch: RolloutBatch) -> dict[str, float]:
-        """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged."""
+    def value_pretrain_step(self, batch: RolloutBatch, replay: Sequence[RolloutBatch] = (), draw: int = 0
+                            ) -> dict[str, float]:
+        """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged.
+
+        With ``replay`` (earlier pretraining batches of the same frozen policy, so still on-policy) the update trains
+        on ``len(batch)`` x ``critic_epochs`` rows drawn at random from ``replay`` and ``batch`` together, in one pass:
+        its minibatches then mix the prompts of many batches instead of a few prompts' samples in a row (``draw``
+        seeds the choice). Explained variance is measured on ``batch`` alone, before the update, either way."""
         self.check_on_policy(batch)
+        for old in replay:
+            self.check_on_policy(old)
         batch = batch.to(self.device)
         prep = self.prepare(batch, critic_only=True)
         rewards = self.token_rewards(batch)
         adv = self.compute_advantages(batch, rewards, prep.old_values, monte_carlo_critic=True)
         bad = self.first_bad_tensor({"token rewards": rewards, "returns": adv.returns}, batch.response_mask,
                                     bound={"token rewards": self.algorithm.max_abs_reward})
-        metrics = self.update(batch, prep, adv, critic_only=True) if bad is None else {"critic/value_loss": math.nan}
+        ev = float(explained_variance(prep.old_values, adv.returns, batch.response_mask))
+        epochs = None
+        if replay and bad is None:
+            pool = self.rollout_data.concat([*(b.to("cpu") for b in replay), batch.to("cpu")])
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+            n = min(len(pool), len(batch) * (self.algorithm.critic_epochs or self.algorithm.ppo_epochs))
+            rows = torch.randperm(len(pool), generator=g)[:n].sort().values
+            epochs = 1
+            batch = pool.select(rows).to(self.device)
+            prep = self.prepare(batch, critic_only=True)
+            rewards = self.token_rewards(batch)
+            adv = self.compute_advantages(batch, rewards, prep.old_values, monte_carlo_critic=True)
+        metrics = (self.update(batch, prep, adv, critic_only=True, epochs=epochs) if bad is None
+                   else {"critic/value_loss": math.nan})
         self.record_skip(bad or metrics.pop("_bad", None))
-        metrics["critic/explained_var"] = float(explained_variance(prep.old_values, adv.returns,
-                                                                   batch.response_mask))
+        metrics["critic/explained_var"] = ev
         metrics["rollout/reward_mean"] = float(batch.scores.mean())
         self._pin_global_step()
         return {k: v for k, v in metrics.items() if not k.startswith("actor/")}

@@ -64,3 +64,48 @@ def test_bad_arguments_name_the_field():
         ValuePretraining(window=0)
     with pytest.raises(ValueError, match="ValuePretraining.lr"):
         ValuePretraining(lr=0.0)
+    with pytest.raises(ValueError, match="ValuePretraining.replay_batches"):
+        ValuePretraining(replay_batches=0)
+
+
+def test_replay_mixes_earlier_batches_into_each_update(make_run):
+    """``replay_batches=3``, ``critic_epochs=2``: step s gets the previous min(s, 2) batches; each update makes one
+    pass over as many rows as two batches hold (one batch alone: two passes over it), drawn from the newest batch
+    and those, and once there are earlier batches some rows come from them. The explained variance is the one
+    measured on the newest batch before the update."""
+    from vapo_pl import VAPOModule
+
+    calls = []
+
+    class Recording(VAPOModule):
+        def value_pretrain_step(self, batch, replay=(), draw=0):
+            calls.append({"batch": batch, "replay": list(replay), "trained": []})
+            metrics = super().value_pretrain_step(batch, replay, draw)
+            calls[-1]["ev"] = metrics["critic/explained_var"]
+            return metrics
+
+        def update(self, batch, prep, adv, critic_only=False, epochs=None):
+            if calls and critic_only and "ev" not in calls[-1]:
+                calls[-1]["trained"].append((batch, epochs))
+            return super().update(batch, prep, adv, critic_only, epochs)
+
+    vp = ValuePretraining(steps=4, replay_batches=3)
+    module, dm, trainer = make_run(module_cls=Recording, trainer=dict(max_steps=1, callbacks=[vp]),
+                                   algorithm=dict(critic_epochs=2))
+    trainer.fit(module, dm)
+    assert [len(c["replay"]) for c in calls] == [0, 1, 2, 2]
+    assert all(c["replay"][-1] is calls[i]["batch"] for i, c in enumerate(calls[1:]))
+
+    def rows(b):  # each rollout row as its unpadded prompt + response ids
+        return [tuple(ids[m.bool()].tolist()) for ids, m in zip(b.input_ids, b.attention_mask)]
+
+    mixed = 0
+    for i, c in enumerate(calls):
+        ((trained, epochs),) = c["trained"]
+        assert (len(trained), epochs) == ((len(c["batch"]), None) if i == 0 else (2 * len(c["batch"]), 1))
+        newest = set(rows(c["batch"]))
+        pool = newest.union(*(rows(b) for b in c["replay"]))
+        assert set(rows(trained)) <= pool
+        mixed += bool(c["replay"]) and not set(rows(trained)) <= newest
+        assert vp.history[i]["critic/explained_var"] == c["ev"]
+    assert mixed >= 2

@@ -182,6 +182,32 @@ def test_critic_epochs_train_the_critic_alone(make_run):
     assert not torch.equal(critic_1["value_head.weight"], critic_3["value_head.weight"])
 
 
+def test_critic_minibatch_size_splits_only_the_critic_only_passes(make_run):
+    """``critic_minibatch_size``: the joint pass keeps ``minibatch_size`` (16 samples / 8 = 2 steps), each extra
+    critic-only pass takes 16 / 4 = 4 steps, and the actor ends exactly as without it."""
+    from vapo_pl import VAPOModule
+
+    runs = []
+    for size in (None, 4):
+        steps: list[bool] = []
+
+        class Counting(VAPOModule):
+            def _clip_and_step(self, opt, critic_only, loss):
+                steps.append(critic_only)
+                return super()._clip_and_step(opt, critic_only, loss)
+
+        module, dm, trainer = make_run(module_cls=Counting, trainer=dict(max_steps=1),
+                                       algorithm=dict(critic_epochs=2, critic_minibatch_size=size))
+        trainer.fit(module, dm)
+        runs.append((steps, {k: v.clone() for k, v in module.actor.state_dict().items()},
+                     module.critic.value_head.weight.detach().clone()))
+    (steps_none, actor_none, head_none), (steps_4, actor_4, head_4) = runs
+    assert steps_none == [False, False, True, True]
+    assert steps_4 == [False, False, True, True, True, True]
+    assert all(torch.equal(actor_none[k], actor_4[k]) for k in actor_none)
+    assert not torch.equal(head_none, head_4)
+
+
 def test_critic_head_init(tiny_model_dir):
     """``zero``: values exactly 0; ``random``: the same head for the same module seed whatever the global RNG
     state, a different one for another seed."""

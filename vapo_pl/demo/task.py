@@ -61,6 +61,7 @@ class TaskSpec:
     min_steps: int = 1  # operations per problem, drawn uniformly from [min_steps, max_steps]
     max_steps: int = 8
     carry_weights: tuple[float, ...] = (0.05, 0.85, 0.1)  # P(c = 0, 1, 2 carries), c capped at the steps
+    carry_window: int = 0  # carries fall among the first carry_window steps; 0 = anywhere in the chain
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_heldout", "min_steps"):
@@ -74,6 +75,8 @@ class TaskSpec:
             raise ValueError(
                 f"TaskSpec.carry_weights must be 1..5 non-negative weights, not all 0, got {w!r}"
             )
+        if isinstance(self.carry_window, bool) or not isinstance(self.carry_window, int) or self.carry_window < 0:
+            raise ValueError(f"TaskSpec.carry_window must be an int >= 0, got {self.carry_window!r}")
 
 
 @dataclass(frozen=True)
@@ -128,17 +131,18 @@ def parse_prompt(prompt: str) -> Problem:
 def sample_problem(rng: random.Random, spec: TaskSpec) -> Problem:
     """One problem: steps uniform in [min_steps, max_steps], then the carry count, then the numbers.
 
-    Carrying steps are placed at random; a non-carrying step picks uniformly among the moves that
+    Carrying steps are placed at random (among the first ``spec.carry_window`` steps if it is set); a non-carrying step picks uniformly among the moves that
     stay in the decade (add 1..9-u or subtract 1..u, with u the units digit), a carrying step among
     the additions that overflow (add 10-u..9). No move appears twice in a problem, so "the move after
     the one just made" is unambiguous in the prompt.
     A draw that hits a dead end (no unused move of the needed kind) is redrawn.
     """
     num_steps = rng.randint(spec.min_steps, spec.max_steps)
-    max_c = min(num_steps, len(spec.carry_weights) - 1)
+    window = min(num_steps, spec.carry_window) if spec.carry_window else num_steps
+    max_c = min(window, len(spec.carry_weights) - 1)
     c = rng.choices(range(max_c + 1), weights=spec.carry_weights[: max_c + 1])[0]
     while True:
-        carry_at = set(rng.sample(range(num_steps), c))
+        carry_at = set(rng.sample(range(window), c))
         a = rng.randint(10 * max(1, c), 10 * (10 - c) - 1)  # start decade in [max(1, c), 9 - c]
         start, ops = a, []
         for i in range(num_steps):
