@@ -209,10 +209,16 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
                         max(a for _, a in r["accuracy"]) - r["accuracy"][-1][1] > 0.2)
         reached = [s for s in reach if s is not None]
         evs = [v for r in runs for _, v in r.get("explained_var", []) if not math.isnan(v)]
-        pre = [r["pretrain_explained_var"][-1][1] for r in runs if r.get("pretrain_explained_var")]
+        early = [v for r in runs for s, v in r.get("explained_var", []) if s <= 10 and not math.isnan(v)]
+        first = [r["explained_var"][0][1] for r in runs if r.get("explained_var")]
+        # the mean of the last 5 pretraining steps (each measured on a fresh batch before its update)
+        pre = [statistics.mean(v for _, v in r["pretrain_explained_var"][-5:]) for r in runs
+               if r.get("pretrain_explained_var")]
         rows.append({
             "threshold": threshold,
             "critic_ev": statistics.mean(evs) if evs else None,
+            "critic_ev_early": statistics.mean(early) if early else None,
+            "first_rl_ev": statistics.mean(first) if first else None,
             "pretrain_ev": statistics.mean(pre) if pre else None,
             "run": run, "seeds": len(runs), "base": statistics.mean(r["accuracy"][0][1] for r in runs),
             "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
@@ -228,15 +234,17 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     (out / "compare_curves.json").write_text(json.dumps(results, indent=1))
     threshold = rows[0]["threshold"] if rows else 0.8
     header = (f"| run | seeds | base acc | final acc (mean ± sd) | steps to {threshold} (runs reaching) | collapsed "
-              "| critic EV after pretraining | critic EV during RL | samples generated | min/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "| critic EV, last 5 pretraining steps | critic EV at RL step 1 | critic EV, RL steps 1-10 "
+              "| critic EV, all RL steps | samples generated | min/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(x):
         return "—" if x is None else f"{x:.2f}"
 
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
-                     f"{r['steps_to']} | {r['collapsed']} | {num(r.get('pretrain_ev'))} | {num(r.get('critic_ev'))} | "
+                     f"{r['steps_to']} | {r['collapsed']} | {num(r.get('pretrain_ev'))} | {num(r.get('first_rl_ev'))} | "
+                     f"{num(r.get('critic_ev_early'))} | {num(r.get('critic_ev'))} | "
                      f"{r['samples']:.0f} | {r['minutes']:.1f} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -123,11 +123,12 @@ def test_summary_statistics():
     assert b["samples"] == 3000 and b["minutes"] == pytest.approx(2.0)
     assert a["critic_ev"] is None  # no critic curve recorded
     # another threshold, and the critic's explained variance averaged over the runs' RL steps (NaN skipped)
-    results[0]["explained_var"] = [(1, 0.2), (2, float("nan")), (3, 0.6)]
-    results[0]["pretrain_explained_var"] = [(1, 0.1), (2, 0.5)]
+    results[0]["explained_var"] = [(1, 0.2), (2, float("nan")), (3, 0.6), (11, 1.0)]
+    results[0]["pretrain_explained_var"] = [(s, 0.1 * s) for s in range(1, 8)]  # the last 5: 0.3 .. 0.7
     a, b = compare.summarise(results, threshold=0.9)
     assert a["steps_to"] == "3 (1/2)" and b["steps_to"] == "never"
-    assert a["critic_ev"] == pytest.approx(0.4) and a["pretrain_ev"] == pytest.approx(0.5)
+    assert a["critic_ev"] == pytest.approx(0.6) and a["critic_ev_early"] == pytest.approx(0.4)
+    assert a["first_rl_ev"] == pytest.approx(0.2) and a["pretrain_ev"] == pytest.approx(0.5)
 
 
 def test_report_files(tmp_path):
@@ -135,7 +136,7 @@ def test_report_files(tmp_path):
     compare.write_outputs(results, compare.summarise(results), tmp_path)
     table = (tmp_path / "compare.md").read_text().splitlines()
     assert table[0].startswith("| run | seeds |") and "steps to 0.8" in table[0] and len(table) == 2 + 2
-    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | — | — | 1000 |")
+    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | — | — | — | — | 1000 |")
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -177,3 +178,16 @@ def test_reuse_of_a_bad_file_is_one_line(content, tmp_path, monkeypatch, capsys)
         compare.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1].startswith(f"compare: error: --reuse {path}: not a comparison's")
+
+
+def test_runs_that_would_pretrain_the_same_critic_share_one_pretraining():
+    """VAPO and the ablations that change only what value pretraining never reads get one key per seed; group
+    sampling changes the batches (its own key), the baselines and wo_value_pretraining do not pretrain."""
+    keys = {run: compare.pretraining_key(compare.make_config(LONG, run), 0)
+            for run in compare.BASELINE_SEEDS_RUNS + compare.ABLATIONS}
+    shared = {"vapo", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher", "wo_token_level_loss",
+              "wo_positive_example_lm_loss"}
+    assert {run for run, k in keys.items() if k == keys["vapo"]} == shared
+    assert keys["wo_group_sampling"] not in (None, keys["vapo"])
+    assert all(keys[run] is None for run in ("ppo", "grpo", "dapo", "wo_value_pretraining"))
+    assert compare.pretraining_key(compare.make_config(LONG, "vapo"), 1) != keys["vapo"]
