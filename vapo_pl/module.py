@@ -665,6 +665,7 @@ class VAPOModule(pl.LightningModule):
         bad = self.first_bad_tensor({"token rewards": rewards, "returns": adv.returns}, batch.response_mask,
                                     bound={"token rewards": self.algorithm.max_abs_reward})
         ev = float(explained_variance(prep.old_values, adv.returns, batch.response_mask))
+        reward_mean = float(batch.scores.mean())
         epochs = None
         if replay and bad is None:
             pool = self.rollout_data.concat([*(b.to("cpu") for b in replay), batch.to("cpu")])
@@ -679,8 +680,8 @@ class VAPOModule(pl.LightningModule):
         metrics = (self.update(batch, prep, adv, critic_only=True, epochs=epochs) if bad is None
                    else {"critic/value_loss": math.nan})
         self.record_skip(bad or metrics.pop("_bad", None))
-        metrics["critic/explained_var"] = ev
-        metrics["rollout/reward_mean"] = float(batch.scores.mean())
+        metrics["critic/explained_var"] = ev  # both of the newest batch, whatever the update trained on
+        metrics["rollout/reward_mean"] = reward_mean
         self._pin_global_step()
         return {k: v for k, v in metrics.items() if not k.startswith("actor/")}
 

@@ -108,4 +108,5 @@ def test_replay_mixes_earlier_batches_into_each_update(make_run):
         assert set(rows(trained)) <= pool
         mixed += bool(c["replay"]) and not set(rows(trained)) <= newest
         assert vp.history[i]["critic/explained_var"] == c["ev"]
+        assert vp.history[i]["rollout/reward_mean"] == pytest.approx(float(c["batch"].scores.float().mean()))
     assert mixed >= 2
