@@ -150,7 +150,8 @@ def test_reuse_takes_earlier_results_except_retrained_runs(tmp_path, monkeypatch
     reuse.write_text(json.dumps(earlier))
     trained = []
 
-    def fake_run_one(base, run, seed, steps, work, eval_every=None):
+    def fake_run_one(base, run, seed, steps, work, eval_every=None, shared=None):
+        assert shared == {}  # pretraining is shared unless --no-share-pretraining (nothing pretrains here)
         trained.append(run)
         return dict(_result(run, seed, [0.3, 0.5]), max_steps=steps, eval_every=eval_every)
 
