@@ -192,8 +192,8 @@ def test_critic_minibatch_size_splits_only_the_critic_only_passes(make_run):
         steps: list[bool] = []
 
         class Counting(VAPOModule):
-            def _clip_and_step(self, opt, critic_only, loss):
-                steps.append(critic_only)
+            def _clip_and_step(self, opt, critic_only, loss, _steps=steps):
+                _steps.append(critic_only)
                 return super()._clip_and_step(opt, critic_only, loss)
 
         module, dm, trainer = make_run(module_cls=Counting, trainer=dict(max_steps=1),
