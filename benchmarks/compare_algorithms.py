@@ -136,7 +136,8 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
     if key is not None:
         pre = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ValuePretraining"))
         pre["init_args"] = dict(pre.get("init_args") or {})
-        critic_file = work / f"pretrained_critic_{len(shared) if producer is None else producer['_critic_id']}.pt"
+        critic_id = _next_critic_id(shared) if producer is None else producer["_critic_id"]
+        critic_file = work / f"pretrained_critic_{critic_id}.pt"
         pre["init_args"]["load_path" if producer else "save_path"] = str(critic_file)
     ev = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("Evaluation"))["init_args"]
     if eval_every is not None:
@@ -180,10 +181,28 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
               "max_steps": cfg["trainer"]["max_steps"], "eval_every": ev["every_n_steps"],
               "pretrained_critic_from": producer["run"] if producer else None}
     if key is not None and producer is None:
-        result["_critic_id"] = len(shared)
+        result["_critic_id"] = critic_id
         result["pretrain_seconds"] = _pretrain_seconds(log_dir)
         shared[key] = result
     return result
+
+
+def _next_critic_id(shared: dict) -> int:
+    return 1 + max((r["_critic_id"] for r in shared.values()), default=-1)
+
+
+def register_reused_critic(shared: dict | None, base: dict, old: dict, work: Path) -> bool:
+    """Make a reused run's pretrained critic available to the runs still to train, when its file is still in ``work``
+    (a comparison resumed in the same work directory). Returns whether it was registered."""
+    if shared is None or old.get("_critic_id") is None:
+        return False
+    if not (work / f"pretrained_critic_{old['_critic_id']}.pt").is_file():
+        return False
+    key = pretraining_key(make_config(base, old["run"]), old["seed"])
+    if key is None or key in shared:
+        return False
+    shared[key] = old
+    return True
 
 
 def _pretrain_seconds(log_dir: Path) -> float:
@@ -323,7 +342,9 @@ def main() -> None:
                     sys.exit(f"--reuse {args.reuse}: {run} seed {seed} ran {old.get('max_steps')} steps evaluated "
                              f"every {old.get('eval_every')}, this comparison {steps} every {args.eval_every}")
                 results.append(old)
-                print(f"{run:28s} seed {seed}: reused from {args.reuse}", flush=True)
+                shares = register_reused_critic(shared, base, old, work)
+                print(f"{run:28s} seed {seed}: reused from {args.reuse}"
+                      + (" (its pretrained critic is shared)" if shares else ""), flush=True)
                 continue
             r = run_one(base, run, seed, args.steps, work, args.eval_every, shared)
             acc = r["accuracy"]

@@ -192,3 +192,37 @@ def test_runs_that_would_pretrain_the_same_critic_share_one_pretraining():
     assert keys["wo_group_sampling"] not in (None, keys["vapo"])
     assert all(keys[run] is None for run in ("ppo", "grpo", "dapo", "wo_value_pretraining"))
     assert compare.pretraining_key(compare.make_config(LONG, "vapo"), 1) != keys["vapo"]
+
+
+def test_a_resumed_comparison_shares_the_reused_runs_pretrained_critics(tmp_path, monkeypatch, capsys):
+    """Resumed in the same work directory, a reused VAPO run's pretrained critic is handed to the ablations that would
+    pretrain the same critic; when the critic file is gone, or the run is not reused, the ablation pretrains its own.
+    ``run_one`` is replaced by a recorder, so nothing trains here."""
+    work = tmp_path / "work"
+    work.mkdir()
+    steps = LONG["trainer"]["max_steps"]
+    earlier = [dict(_result("vapo", s, [0.3, 0.9]), max_steps=steps, eval_every=5, _critic_id=s) for s in (0, 1)]
+    reuse = tmp_path / "earlier.json"
+    reuse.write_text(json.dumps(earlier))
+    (work / "pretrained_critic_0.pt").write_bytes(b"")  # seed 1's file is missing
+    producers = {}
+
+    def fake_run_one(base, run, seed, steps, work, eval_every=None, shared=None):
+        key = compare.pretraining_key(compare.make_config(base, run), seed)
+        producer = shared.get(key)
+        producers[(run, seed)] = (producer["run"], producer["_critic_id"]) if producer else None
+        result = dict(_result(run, seed, [0.3, 0.5]), max_steps=steps, eval_every=eval_every)
+        if producer is None:
+            result["_critic_id"] = compare._next_critic_id(shared)
+            shared[key] = result
+        return result
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    monkeypatch.setattr("sys.argv", ["compare", "--task", "long", "--runs", "vapo", "wo_clip_higher", "--seeds", "2",
+                                     "--ablation-seeds", "2", "--out", str(tmp_path / "out"), "--work", str(work),
+                                     "--reuse", str(reuse)])
+    compare.main()
+    assert producers == {("wo_clip_higher", 0): ("vapo", 0), ("wo_clip_higher", 1): None}
+    out = capsys.readouterr().out
+    assert "vapo                         seed 0: reused from" in out and "(its pretrained critic is shared)" in out
+    assert out.count("(its pretrained critic is shared)") == 1
