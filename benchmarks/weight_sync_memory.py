@@ -1,13 +1,24 @@
-"""Peak extra memory of one weight sync (trainer -> vLLM) against the model's size, streamed vs materialised.
+"""Peak extra memory of one weight sync (trainer -> vLLM) against the model's size.
 
-The sync gathers and casts the actor's weights for the engine. Materialised (the former path), every cast copy
-exists at once: the whole model in the engine's dtype. Streamed (``vapo_pl.parallel.stream_state_items``), the
-copies are made one bucket at a time while vLLM's layer-wise reload consumes them, so the peak is about one
-bucket. The tracker counts the bytes of every tensor the sync produces that does not share memory with the
-model's own parameters, adds them when produced and subtracts them when the last reference is gone, and keeps
-the maximum.
+Three ways to send the actor, each measured twice:
+
+- ``materialised`` (the former path): every weight cast to the engine's dtype first, then the engine.
+- ``gathered``: what a sharded actor (FSDP2 ``full_tensor``, ZeRO-3 buckets) sends: a new full-size tensor per
+  parameter, cast to the engine's dtype, produced lazily while vLLM's layer-wise reload consumes them.
+- ``views``: what an actor a rank holds whole sends (no strategy, DDP): ``vapo_pl.parallel.stream_state_items``
+  yields views of its own parameters in their own dtype and vLLM's loaders cast while they copy.
+
+Measure 1, the sync's own tensors: every tensor the sync produces that does not share memory with the model is
+counted from when it is produced until its last reference is gone (vLLM holds the members of a fused layer, q/k/v
+or gate/up, until the layer is complete), and the maximum is kept. Measure 2, the whole process: peak resident
+memory during the sync minus resident memory before it (``/proc/self/status`` VmHWM after resetting it through
+``/proc/self/clear_refs``, free heap memory returned with ``malloc_trim`` first). It also counts what vLLM
+allocates itself while it reloads, and is only readable on a model far larger than the allocator's noise:
+``--model medium`` builds a random 8-layer, 1024-wide Qwen2 (about 90 M parameters) for it. vLLM's first in-place
+reload keeps memory it does not free again; one unmeasured sync runs first and its figures are printed apart.
 
     python benchmarks/weight_sync_memory.py                    # demo base policy, engine in bfloat16
+    python benchmarks/weight_sync_memory.py --model medium     # the whole-process measure is meaningful here
     python benchmarks/weight_sync_memory.py --bucket-fraction 0.05
 
 Runs on CPU (vLLM's CPU backend in bfloat16 needs avx512_bf16, which these machines have); the FSDP2 and ZeRO-3
@@ -22,6 +33,7 @@ import sys
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -74,6 +86,39 @@ def largest_fused_layer(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return max(groups.values()) * torch.empty((), dtype=dtype).element_size()
 
 
+def _status_kb(field: str) -> int:
+    import re
+
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class ProcessPeak:
+    """Peak resident memory of this process during a block, minus resident memory at its start (bytes)."""
+
+    def __enter__(self) -> Self:
+        import ctypes
+        import gc
+
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc: the baseline may include free heap memory
+            pass
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        self.before = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.extra = (_status_kb("VmHWM") - self.before) * 1024
+
+
+def build_medium_model(path: Path) -> Path:
+    from vapo_pl.tiny import build_tiny_model
+
+    return build_tiny_model(path, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
+                            intermediate_size=2816)
+
+
 def measure(policy: Path, bucket_fraction: float, dtype: str = "bfloat16") -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
@@ -87,34 +132,52 @@ def measure(policy: Path, bucket_fraction: float, dtype: str = "bfloat16") -> di
     out = {"model_bytes": size, "engine_dtype": str(target), "largest_layer": largest_fused_layer(actor, target) / size,
            "actor_bytes": model_bytes(actor, torch.float32)}
     bucket = max(1, int(size * bucket_fraction))
-    for label in ("materialised", "streamed"):
+    with ProcessPeak() as first:  # vLLM's first in-place reload keeps memory for good; not any mode's cost
+        engine.update_weights(stream_state_items(actor, None, dtype=target, bucket_bytes=bucket))
+    out["first_sync_process"] = first.extra / size
+    out["first_sync_kept"] = (_status_kb("VmRSS") - first.before) * 1024 / size
+    for label in ("materialised", "gathered", "views"):
         tracker = PeakTracker(actor)
-        if label == "materialised":  # the former path: every cast tensor first, then the engine
-            items = list(tracker.wrap((k, v.detach().to(target)) for k, v in actor.state_dict().items()))
-            engine.update_weights(items)
-            del items
-        else:
-            engine.update_weights(tracker.wrap(stream_state_items(actor, None, dtype=target, bucket_bytes=bucket)))
+        with ProcessPeak() as process:
+            if label == "materialised":  # every cast tensor first, then the engine
+                items = list(tracker.wrap((k, v.detach().to(target)) for k, v in actor.state_dict().items()))
+                engine.update_weights(items)
+                del items
+            elif label == "gathered":  # a new full tensor per parameter, cast, as after a gather
+                engine.update_weights(tracker.wrap((k, v.detach().clone().to(target))
+                                                   for k, v in actor.state_dict().items()))
+            else:
+                engine.update_weights(tracker.wrap(stream_state_items(actor, None, dtype=target,
+                                                                      bucket_bytes=bucket)))
         out[label] = tracker.peak / size
+        out[f"{label}_process"] = process.extra / size
     return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    import tempfile
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", default=None, help="model directory (default: the demo base policy)")
+    ap.add_argument("--model", choices=("demo", "medium"), default="demo",
+                    help="without --policy: the demo base policy, or a random 90 M-parameter Qwen2 built in a temp dir")
     ap.add_argument("--bucket-fraction", type=float, default=0.05, help="bucket size as a share of the model")
-    ap.add_argument("--dtype", default="bfloat16", help="engine dtype (the sync casts to it)")
+    ap.add_argument("--dtype", default="bfloat16", help="engine dtype (gathered weights are cast to it)")
     args = ap.parse_args(argv)
     from vapo_pl.demo.prepare import policy_dir
 
-    policy = policy_dir(args.policy)
-    r = measure(policy, args.bucket_fraction, args.dtype)
-    print(f"model {r['model_bytes'] / 1e6:.2f} MB in {r['engine_dtype']}, bucket {args.bucket_fraction:.3f} of it")
-    print(f"sync peak extra memory / model bytes: materialised {r['materialised']:.3f}, streamed {r['streamed']:.3f}")
-    print(f"largest layer vLLM assembles before loading (its floor for any bucket size): {r['largest_layer']:.3f}")
-    fp32 = r["model_bytes"] / r["actor_bytes"]
-    print(f"the same peaks over the trainer's float32 actor ({r['actor_bytes'] / 1e6:.2f} MB): materialised "
-          f"{r['materialised'] * fp32:.3f}, streamed {r['streamed'] * fp32:.3f}")
+    with tempfile.TemporaryDirectory(prefix="vapo_sync_") as tmp:
+        policy = build_medium_model(Path(tmp)) if args.policy is None and args.model == "medium" \
+            else policy_dir(args.policy)
+        r = measure(policy, args.bucket_fraction, args.dtype)
+    print(f"model {r['model_bytes'] / 1e6:.2f} MB in {r['engine_dtype']} (actor {r['actor_bytes'] / 1e6:.2f} MB in "
+          f"float32), bucket {args.bucket_fraction:.3f} of it")
+    print("sync peak extra memory / model bytes (the sync's own tensors | whole process):")
+    for label in ("materialised", "gathered", "views"):
+        print(f"  {label:13s} {r[label]:.3f} | {r[label + '_process']:.3f}")
+    print(f"largest layer vLLM assembles before loading (the floor of 'gathered'): {r['largest_layer']:.3f}")
+    print(f"before these, an unmeasured first sync: whole-process peak {r['first_sync_process']:.3f}, of which "
+          f"{r['first_sync_kept']:.3f} vLLM still holds after it")
     return r
 
 

@@ -704,8 +704,9 @@ class VAPOModule(pl.LightningModule):
         return full_state_items(self.actor, self.trainer.strategy)
 
     def sync_weights(self, bump: bool = True) -> None:
-        """Stream the actor to the engine: gathered (FSDP2/ZeRO-3) and cast to the engine's dtype one bucket at a
-        time (``data.engine.weight_sync_bucket_mb``), never the whole model at once."""
+        """Stream the actor to the engine, never the whole model at once: sharded weights (FSDP2/ZeRO-3) gathered
+        and cast to the engine's dtype one bucket at a time (``data.engine.weight_sync_bucket_mb``), weights held
+        whole as views that the engine casts while it copies (``stream_state_items``)."""
         from vapo_pl.parallel import stream_state_items
 
         self.check_finite_weights()

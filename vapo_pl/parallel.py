@@ -63,14 +63,15 @@ def _buckets(items: list[tuple[str, Tensor]], bucket_bytes: int | None, size_of)
 
 def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None = None,
                        bucket_bytes: int | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Full (unsharded) weights with Hugging Face names, produced lazily one bucket at a time, cast to ``dtype``.
+    """Full (unsharded) weights with Hugging Face names, produced lazily one bucket at a time.
 
-    Nothing is materialised for the whole model (unless ``bucket_bytes`` is None under ZeRO-3): FSDP2 shards are gathered tensor by
-    tensor (``DTensor.full_tensor``), ZeRO-3 partitions bucket by bucket (``GatheredParameters`` over at most
-    ``bucket_bytes`` of full-size parameters), and the cast to the engine's dtype happens per tensor, so the extra
-    memory a weight sync holds at once is about one bucket (plus what the consumer keeps). Unsharded weights in
-    the engine's dtype are yielded as views (no copy). Every rank must consume the whole iterator in the same
-    order: the gathers are collectives.
+    Nothing is materialised for the whole model (unless ``bucket_bytes`` is None under ZeRO-3): FSDP2 shards are
+    gathered tensor by tensor (``DTensor.full_tensor``), ZeRO-3 partitions bucket by bucket (``GatheredParameters``
+    over at most ``bucket_bytes`` of full-size parameters), and each gathered tensor is cast to ``dtype`` (the
+    engine's) as it goes, so the extra memory a weight sync holds at once is about one bucket (plus what the consumer
+    keeps). Weights a rank holds whole (no strategy, DDP, FSDP2 tensors that are not sharded) are yielded as views in
+    their own dtype, never copied: every engine's ``update_weights`` copies into its own parameters, and that copy
+    casts. Every rank must consume the whole iterator in the same order: the gathers are collectives.
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
@@ -110,10 +111,10 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
         from torch.distributed.tensor import DTensor
 
         for name, t in state.items():
-            yield name, cast(t.full_tensor() if isinstance(t, DTensor) else t)
+            yield name, cast(t.full_tensor()) if isinstance(t, DTensor) else t.detach()
         return
     for name, t in state.items():
-        yield name, cast(t)
+        yield name, t.detach()
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy) -> None:

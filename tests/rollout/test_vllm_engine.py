@@ -164,6 +164,29 @@ def test_sync_logs_are_quiet_but_real_failures_show(engine, synced, monkeypatch)
     assert passes(logging.WARNING, "%s: Failed to load weights", "RotaryEmbedding")
 
 
+def test_only_the_intended_narrowing_cast_warning_is_dropped(engine, monkeypatch):
+    """Weights sent as float32 views into a 16-bit engine are cast by vLLM's loader on purpose; its per-weight warning
+    about that is dropped, any other dtype mismatch (and everything else on that logger) still shows."""
+    import importlib
+    import logging
+
+    from vapo_pl.rollout.vllm_engine import _CAST_LOGGER
+
+    assert importlib.import_module(_CAST_LOGGER).logger.name == _CAST_LOGGER
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    logger = logging.getLogger(_CAST_LOGGER)
+    msg = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+    def passes(*args, level=logging.WARNING, text=msg):
+        return logger.filter(logging.LogRecord(logger.name, level, __file__, 1, text, args, None))
+
+    assert not passes("lm_head.weight", torch.float32, torch.bfloat16)
+    assert not passes("lm_head.weight", torch.float32, torch.float16)
+    assert passes("lm_head.weight", torch.float16, torch.bfloat16)
+    assert passes("lm_head.weight", torch.int8, torch.bfloat16)
+    assert passes(level=logging.INFO, text="some other line")
+
+
 def test_update_weights_rejects_empty(engine):
     with pytest.raises(ValueError, match="weights"):
         engine.update_weights([])
@@ -248,13 +271,11 @@ def test_one_engine_per_rank_under_torchrun(tiny_model_dir, tmp_path):
 
 @pytest.mark.vllm
 def test_streamed_sync_holds_about_one_layer_not_the_model(engine, tiny_model_dir):
-    """Peak extra memory of a sync that casts to bfloat16 (as for a bf16 engine), measured by
-    ``benchmarks/weight_sync_memory.PeakTracker``: materialised, every cast copy is alive at once (the whole
-    model); streamed in buckets of 1/20 of the model, the peak is what vLLM's layer-wise reload holds until a fused
-    layer is complete (gate+up of one MLP here), not the model."""
+    """Peak extra memory of a sync to a bfloat16 engine, measured by ``benchmarks/weight_sync_memory.PeakTracker``:
+    materialised, every cast copy is alive at once (the whole model); gathered tensors (a new cast tensor per
+    parameter, as after an FSDP2/ZeRO-3 gather) streamed lazily peak at what vLLM's layer-wise reload holds until a
+    fused layer is complete (gate+up of one MLP here), not the model; weights held whole go as views (nothing)."""
     import importlib.util
-
-    import torch
 
     from tests.conftest import REPO
     from vapo_pl.parallel import stream_state_items
@@ -267,11 +288,40 @@ def test_streamed_sync_holds_about_one_layer_not_the_model(engine, tiny_model_di
     layer = bench.largest_fused_layer(model, torch.bfloat16)
     materialised = bench.PeakTracker(model)
     engine.update_weights(list(materialised.wrap((k, v.to(torch.bfloat16)) for k, v in model.state_dict().items())))
-    streamed = bench.PeakTracker(model)
-    engine.update_weights(streamed.wrap(stream_state_items(model, None, dtype=torch.bfloat16, bucket_bytes=size // 20)))
+    gathered = bench.PeakTracker(model)
+    engine.update_weights(gathered.wrap((k, v.clone().to(torch.bfloat16)) for k, v in model.state_dict().items()))
+    views = bench.PeakTracker(model)
+    engine.update_weights(views.wrap(stream_state_items(model, None, dtype=torch.bfloat16, bucket_bytes=size // 20)))
     assert materialised.peak == size
-    assert streamed.count == materialised.count  # every tensor was cast and sent
-    assert streamed.peak <= layer + size // 20 and streamed.peak < 0.5 * size
+    assert gathered.count == materialised.count  # every tensor was cast and sent
+    assert gathered.peak <= layer + size // 20 and gathered.peak < 0.5 * size  # the layer plus one tensor in flight
+    assert views.count == 0 and views.peak == 0
+
+
+def test_float32_views_load_into_a_bfloat16_engine_as_the_cast_copies_do(tiny_model_dir):
+    """Weights a rank holds whole go to the engine as views of the float32 actor (no copy) and vLLM's loaders cast
+    them while copying: a bfloat16 engine then generates exactly what it generates from explicitly cast bf16
+    tensors (tokens and log-probs), and not what it generated before the sync."""
+    from vapo_pl.parallel import stream_state_items
+
+    engine = VLLMEngine(tiny_model_dir, dtype="bfloat16", max_model_len=256, enforce_eager=True, seed=0)
+    assert engine.weight_dtype == torch.bfloat16
+    sampling = Sampling(n=1, temperature=0.0, max_tokens=16)
+    before = engine.generate(PROMPTS, sampling)
+    model = load_hf(tiny_model_dir)
+    perturb_(model, scale=0.5, seed=1)
+    views = list(stream_state_items(model, None, dtype=torch.bfloat16))
+    assert all(t.dtype == torch.float32 for _, t in views)
+    assert all(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+               for (_, t), p in zip(views, model.state_dict().values()))
+    engine.update_weights(views)
+    from_views = engine.generate(PROMPTS, sampling)
+    engine.update_weights((k, v.to(torch.bfloat16)) for k, v in model.state_dict().items())
+    from_casts = engine.generate(PROMPTS, sampling)
+    tokens = [[c.token_ids for c in out] for out in from_views]
+    assert tokens == [[c.token_ids for c in out] for out in from_casts]
+    assert tokens != [[c.token_ids for c in out] for out in before]
+    assert [[c.logprobs for c in out] for out in from_views] == [[c.logprobs for c in out] for out in from_casts]
 
 
 def test_an_unfinished_stream_leaves_grad_mode_alone(tiny_model_dir):
@@ -282,5 +332,5 @@ def test_an_unfinished_stream_leaves_grad_mode_alone(tiny_model_dir):
 
     model = load_hf(tiny_model_dir)
     items = stream_state_items(model, None, dtype=torch.bfloat16, bucket_bytes=1024)
-    name, tensor = next(items)
-    assert torch.is_grad_enabled() and not tensor.requires_grad and tensor.dtype == torch.bfloat16
+    _, tensor = next(items)
+    assert torch.is_grad_enabled() and not tensor.requires_grad

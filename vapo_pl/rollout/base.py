@@ -56,7 +56,7 @@ class RolloutEngine(ABC):
     """
 
     version: int = 0
-    weight_dtype = None  # torch dtype the engine holds its weights in (the sync casts to it); None = as given
+    weight_dtype = None  # torch dtype the engine holds its weights in (gathered weights are cast to it); None = as given
 
     @abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
@@ -64,7 +64,10 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Load the trainer's current weights (Hugging Face names) and bump ``version``."""
+        """Load the trainer's current weights (Hugging Face names) and bump ``version``.
+
+        The tensors may be views of the trainer's own parameters and in another dtype than ``weight_dtype``: copy
+        them into the engine's parameters (the copy casts) and keep no reference after returning."""
 
     def sleep(self) -> None:
         """Release accelerator memory (weights and KV cache) until ``wake_up``; a no-op on CPU."""

@@ -64,15 +64,30 @@ class _QuietWeightSync(logging.Filter):
         return False
 
 
+class _IntendedCast(logging.Filter):
+    """Drops vLLM's per-weight warning that a float32 tensor is loaded into a 16-bit parameter: the trainer sends
+    weights it holds whole as views of its float32 parameters and lets the loader cast while it copies, on purpose
+    (no cast copy exists). Every other dtype mismatch still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "DEBUG":
+            return True
+        return not (isinstance(record.msg, str) and record.msg.startswith("Attempted to load weight %s with dtype %s into")
+                    and len(record.args) == 3 and record.args[1] == torch.float32
+                    and record.args[2] in (torch.bfloat16, torch.float16))
+
+
 _SYNC_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace",
                  "vllm.v1.core.block_pool")
+_CAST_LOGGER = "vllm.model_executor.models.utils"
 
 
 def _quiet_weight_sync_logs() -> None:
-    for name in _SYNC_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _QuietWeightSync) for f in logger.filters):  # a second engine adds none
-            logger.addFilter(_QuietWeightSync())
+    for names, kind in ((_SYNC_LOGGERS, _QuietWeightSync), ((_CAST_LOGGER,), _IntendedCast)):
+        for name in names:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):  # a second engine adds none
+                logger.addFilter(kind())
 
 
 @contextlib.contextmanager
