@@ -51,6 +51,9 @@ class AlgorithmConfig:
     # samples per optimizer step of the critic-only passes (value pretraining, the extra critic_epochs); None =
     # minibatch_size. Small minibatches teach the critic more per sample (benchmarks/critic_fit.py)
     critic_minibatch_size: int | None = None
+    # the critic-only passes of an RL step (critic_epochs beyond ppo_epochs) draw len(batch) rows per pass from this
+    # many earlier RL batches and the current one, not the current one alone; off-policy (earlier policies' returns)
+    critic_replay_batches: int = 0
     micro_batch_size: int = 8  # samples per forward/backward on one rank (gradient accumulation)
 
     def __post_init__(self) -> None:
@@ -98,6 +101,14 @@ class AlgorithmConfig:
             raise ValueError(
                 f"algorithm.critic_epochs must be >= ppo_epochs ({self.ppo_epochs}) or null, got {self.critic_epochs}"
             )
+        if self.critic_replay_batches < 0:
+            raise ValueError(f"algorithm.critic_replay_batches must be >= 0, got {self.critic_replay_batches}")
+        if self.critic_replay_batches and (self.critic_epochs or self.ppo_epochs) <= self.ppo_epochs:
+            raise ValueError("algorithm.critic_replay_batches needs critic_epochs > ppo_epochs (the replay trains the "
+                             "critic-only passes)")
+        if self.critic_replay_batches and self.kl_reward_coef > 0:
+            raise ValueError("algorithm.critic_replay_batches needs kl_reward_coef 0 (the KL penalty of an earlier "
+                             "batch's rewards is not kept)")
         if self.norm_length is not None and self.norm_length < 1:
             raise ValueError(f"algorithm.norm_length must be >= 1, got {self.norm_length}")
         if self.policy_loss == "aspo" and self.dual_clip_c is None:

@@ -20,9 +20,9 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -154,6 +154,8 @@ class VAPOModule(pl.LightningModule):
         self.rl_step = 0  # completed RL iterations
         self.skipped_steps = 0  # RL steps whose update was skipped for a non-finite or absurd value
         self.skipped_in_a_row = 0
+        # earlier RL batches (on CPU) the critic-only passes draw from (algorithm.critic_replay_batches)
+        self.critic_replay: deque[RolloutBatch] = deque(maxlen=max(1, self.algorithm.critic_replay_batches))
         self.policy_version = 0  # weight syncs sent to the engine; rollouts must carry this version
         self.temperature = 1.0  # set from the DataModule: training log-probs use the sampler's temperature
         self.max_response_length: int | None = None  # set from the DataModule: Dr.GRPO's constant divisor
@@ -394,9 +396,15 @@ class VAPOModule(pl.LightningModule):
         t = time.perf_counter()
         bad = self.first_bad_tensor({"token rewards": rewards, "advantages": adv.advantages, "returns": adv.returns},
                                     batch.response_mask, bound={"token rewards": self.algorithm.max_abs_reward})
+        replay = self.critic is not None and self.algorithm.critic_replay_batches > 0
         if bad is None:
-            metrics.update(self.update(batch, prep, adv))
+            metrics.update(self.update(batch, prep, adv, epochs=self.algorithm.ppo_epochs if replay else None))
             bad = metrics.pop("_bad", None)
+        if replay and bad is None:
+            metrics.update(self.replay_critic_passes(batch))
+            bad = metrics.pop("_bad", None)
+        if replay and bad is None:
+            self.critic_replay.append(batch.to("cpu"))
         if self.ref_model is not None and "actor/kl_ref" not in metrics and prep.old_logp is not None:
             metrics["actor/kl_ref"] = float(self._kl_ref(prep, mask))  # old log-probs came from the update pass
         skipped = bad is not None
@@ -647,6 +655,32 @@ class VAPOModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         return norms, bad
 
+    def replay_critic_passes(self, batch: RolloutBatch) -> dict[str, float]:
+        """The critic-only passes of an RL step with ``algorithm.critic_replay_batches``: as many rows as those passes
+        would train on (``len(batch)`` x (``critic_epochs`` - ``ppo_epochs``)), drawn without repeats (while the
+        pool lasts) from the current batch and the earlier RL batches kept in ``critic_replay``; targets are the
+        returns under the configured ``lambda_critic``, from the critic as it is now. Rows of earlier batches carry
+        their own policy's returns: off-policy, which is the trade for seeing more prompts per update. Logged as
+        ``critic/replay_*``."""
+        cfg = self.algorithm
+        n = len(batch) * ((cfg.critic_epochs or cfg.ppo_epochs) - cfg.ppo_epochs)
+        pool = self.rollout_data.concat([*self.critic_replay, batch.to("cpu")])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step + 7_777_777)
+        rows = torch.cat([torch.randperm(len(pool), generator=g) for _ in range(-(-n // len(pool)))])[:n]
+        sub = pool.select(rows).to(self.device)
+        prep = self.prepare(sub, critic_only=True)
+        rewards = self.token_rewards(sub)
+        adv = self.compute_advantages(sub, rewards, prep.old_values)
+        bad = self.first_bad_tensor({"replayed returns": adv.returns}, sub.response_mask)
+        if bad is not None:
+            return {"_bad": bad}
+        metrics = self.update(sub, prep, adv, critic_only=True, epochs=1)
+        out = {"critic/replay_" + k.removeprefix("critic/"): v for k, v in metrics.items() if k.startswith("critic/")}
+        out["critic/replay_rows_from_earlier_batches"] = float((rows < len(pool) - len(batch)).float().mean())
+        if "_bad" in metrics:
+            out["_bad"] = metrics["_bad"]
+        return out
+
     def value_pretrain_step(self, batch: RolloutBatch, replay: Sequence[RolloutBatch] = (), draw: int = 0
                             ) -> dict[str, float]:
         """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged.
@@ -794,6 +828,8 @@ class VAPOModule(pl.LightningModule):
             "skipped_steps": self.skipped_steps,
             "skipped_in_a_row": self.skipped_in_a_row,
             "kl_coef": self.kl_ctl.value,
+            # plain dicts of tensors and primitives: checkpoints load with torch.load(weights_only=True)
+            "critic_replay": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.critic_replay],
             # which log directory (TensorBoard version) this run writes, so a resume continues it
             "log_versions": [getattr(lg, "version", None) for lg in self.trainer.loggers],
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -812,6 +848,8 @@ class VAPOModule(pl.LightningModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         self.kl_ctl.value = state["kl_coef"]
+        self.critic_replay.clear()
+        self.critic_replay.extend(RolloutBatch(**b) for b in state.get("critic_replay", []))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -208,6 +208,52 @@ def test_critic_minibatch_size_splits_only_the_critic_only_passes(make_run):
     assert not torch.equal(head_none, head_4)
 
 
+def test_critic_replay_draws_the_critic_only_passes_from_earlier_rl_batches(make_run, tmp_path):
+    """``critic_replay_batches``: the joint pass is unchanged (after step 1 the actor equals a run without replay, and
+    the optimizer steps are the same), the critic-only pass of step 1 can only draw from its own batch, later steps
+    draw from the kept batches too; the deque keeps the newest N batches, and it survives a checkpoint loaded with
+    ``weights_only=True``."""
+    from vapo_pl import VAPOModule
+
+    runs = []
+    for replay, steps_n in ((0, 1), (2, 1), (2, 3)):
+        steps: list[bool] = []
+        seen: list[tuple[int, dict]] = []
+
+        class Recording(VAPOModule):
+            def _clip_and_step(self, opt, critic_only, loss, _steps=steps):
+                _steps.append(critic_only)
+                return super()._clip_and_step(opt, critic_only, loss)
+
+            def rl_step_on(self, batch, timings, _seen=seen):
+                out = super().rl_step_on(batch, timings)
+                _seen.append((batch.weight_version, out.metrics))
+                return out
+
+        module, dm, trainer = make_run(module_cls=Recording, trainer=dict(max_steps=steps_n),
+                                       algorithm=dict(critic_epochs=2, critic_replay_batches=replay))
+        trainer.fit(module, dm)
+        runs.append((module, steps, seen, {k: v.clone() for k, v in module.actor.state_dict().items()}))
+    (_, steps_0, seen_0, actor_0), (_, steps_1, seen_1, actor_1), (module, steps_3, seen_3, _) = runs
+    assert steps_0 == steps_1 == [False, False, True, True]
+    assert all(torch.equal(actor_0[k], actor_1[k]) for k in actor_0)
+    assert "critic/replay_value_loss" not in seen_0[0][1] and "critic/replay_value_loss" in seen_1[0][1]
+    earlier = [m["critic/replay_rows_from_earlier_batches"] for _, m in seen_3]
+    assert earlier[0] == 0 and earlier[1] > 0 and earlier[2] > 0
+    assert [b.weight_version for b in module.critic_replay] == [v for v, _ in seen_3[1:]]
+
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    path = tmp_path / "state.pt"
+    torch.save(ckpt, path)
+    restored = VAPOModule(model_path=module.model_path, algorithm=module.algorithm)
+    restored.on_load_checkpoint(torch.load(path, weights_only=True))
+    assert len(restored.critic_replay) == 2
+    for a, b in zip(module.critic_replay, restored.critic_replay):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.scores, b.scores)
+        assert a.metadata == b.metadata and a.weight_version == b.weight_version
+
+
 def test_critic_head_init(tiny_model_dir):
     """``zero``: values exactly 0; ``random``: the same head for the same module seed whatever the global RNG
     state, a different one for another seed."""
