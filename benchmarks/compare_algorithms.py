@@ -176,7 +176,8 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
         pretrain_seconds = producer["pretrain_seconds"]
     result = {"run": run, "seed": seed, "seconds": seconds + pretrain_seconds, "tag": tag,
               "accuracy": read_curve(log_dir, tag), "length": read_curve(log_dir, "rollout/response_length_mean"),
-              "explained_var": read_curve(log_dir, "critic/explained_var"), "pretrain_explained_var": pretrain_ev,
+              "explained_var": read_curve(log_dir, "critic/explained_var"),
+              "explained_var_mc": read_curve(log_dir, "critic/explained_var_mc"), "pretrain_explained_var": pretrain_ev,
               "pretrain_steps": pretrain_steps, "samples": int(per_round * (rounds + pretrain_steps)),
               "max_steps": cfg["trainer"]["max_steps"], "eval_every": ev["every_n_steps"],
               "pretrained_critic_from": producer["run"] if producer else None}
@@ -230,6 +231,10 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
         evs = [v for r in runs for _, v in r.get("explained_var", []) if not math.isnan(v)]
         early = [v for r in runs for s, v in r.get("explained_var", []) if s <= 10 and not math.isnan(v)]
         first = [r["explained_var"][0][1] for r in runs if r.get("explained_var")]
+        # against Monte-Carlo returns (differs from the above only when lambda_critic < 1); runs from before the
+        # metric existed have none
+        with_mc = [r for r in runs if r.get("explained_var_mc")]
+        mc = [v for r in with_mc for _, v in r["explained_var_mc"] if not math.isnan(v)]
         # the mean of the last 5 pretraining steps (each measured on a fresh batch before its update)
         pre = [statistics.mean(v for _, v in r["pretrain_explained_var"][-5:]) for r in runs
                if r.get("pretrain_explained_var")]
@@ -239,6 +244,7 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
             "critic_ev_early": statistics.mean(early) if early else None,
             "first_rl_ev": statistics.mean(first) if first else None,
             "pretrain_ev": statistics.mean(pre) if pre else None,
+            "critic_ev_mc": f"{statistics.mean(mc):.2f} ({len(with_mc)}/{len(runs)})" if mc else "—",
             "run": run, "seeds": len(runs), "base": statistics.mean(r["accuracy"][0][1] for r in runs),
             "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
             "steps_to": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
@@ -254,8 +260,9 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     threshold = rows[0]["threshold"] if rows else 0.8
     header = (f"| run | seeds | base acc | final acc (mean ± sd) | steps to {threshold} (runs reaching) | collapsed "
               "| critic EV, last 5 pretraining steps | critic EV at RL step 1 | critic EV, RL steps 1-10 "
-              "| critic EV, all RL steps | samples generated | min/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| critic EV, all RL steps | critic EV vs Monte-Carlo returns, all RL steps (runs) | samples generated "
+              "| min/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(x):
         return "—" if x is None else f"{x:.2f}"
@@ -263,7 +270,7 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     for r in rows:
         lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
                      f"{r['steps_to']} | {r['collapsed']} | {num(r.get('pretrain_ev'))} | {num(r.get('first_rl_ev'))} | "
-                     f"{num(r.get('critic_ev_early'))} | {num(r.get('critic_ev'))} | "
+                     f"{num(r.get('critic_ev_early'))} | {num(r.get('critic_ev'))} | {r.get('critic_ev_mc', '—')} | "
                      f"{r['samples']:.0f} | {r['minutes']:.1f} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

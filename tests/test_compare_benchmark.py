@@ -136,9 +136,20 @@ def test_report_files(tmp_path):
     compare.write_outputs(results, compare.summarise(results), tmp_path)
     table = (tmp_path / "compare.md").read_text().splitlines()
     assert table[0].startswith("| run | seeds |") and "steps to 0.8" in table[0] and len(table) == 2 + 2
-    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | — | — | — | — | 1000 |")
+    assert table[2].startswith("| vapo | 2 | 0.300 | 0.850 ± 0.000 | 2 (2/2) | 0/2 | — | — | — | — | — | 1000 |")
     png = (tmp_path / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_explained_variance_against_monte_carlo_returns_counts_the_runs_that_logged_it(tmp_path):
+    """The Monte-Carlo EV column averages the runs that logged ``critic/explained_var_mc`` and says how many did."""
+    results = [dict(_result("vapo", s, [0.3, 0.8]), explained_var=[(1, 0.9), (2, 0.9)]) for s in range(3)]
+    results[0]["explained_var_mc"] = [(1, 0.1), (2, 0.3)]
+    results[1]["explained_var_mc"] = [(1, 0.5), (2, float("nan"))]
+    row = compare.summarise(results)[0]
+    assert row["critic_ev_mc"] == "0.30 (2/3)"
+    compare.write_outputs(results, [row], tmp_path)
+    assert "| 0.90 | 0.30 (2/3) | 1000 |" in (tmp_path / "compare.md").read_text()
 
 
 def test_reuse_takes_earlier_results_except_retrained_runs(tmp_path, monkeypatch, capsys):

@@ -416,6 +416,10 @@ class VAPOModule(pl.LightningModule):
         self.sync_weights()
         timings["perf/sync_s"] = time.perf_counter() - t
         metrics.update(self.rollout_metrics(batch, prep, adv))
+        if prep.old_values is not None:  # against Monte-Carlo returns, whatever lambda_critic the targets use
+            mc = adv if self.algorithm.lambda_critic == 1.0 else self.compute_advantages(
+                batch, rewards, prep.old_values, monte_carlo_critic=True)
+            metrics["critic/explained_var_mc"] = float(explained_variance(prep.old_values, mc.returns, mask))
         metrics.update(timings)
         self.log_metrics(metrics, batch)
         return StepOutput(rollout=batch, entropy=prep.entropy, metrics=metrics)

@@ -254,6 +254,28 @@ def test_critic_replay_draws_the_critic_only_passes_from_earlier_rl_batches(make
         assert a.metadata == b.metadata and a.weight_version == b.weight_version
 
 
+def test_explained_variance_against_monte_carlo_returns(make_run):
+    """``critic/explained_var_mc`` scores the critic against Monte-Carlo returns whatever ``lambda_critic`` its
+    targets use: equal to ``critic/explained_var`` at lambda_critic 1, different at 0.5 (the targets then hold the
+    critic's own values; a random head makes those non-zero)."""
+    from vapo_pl import VAPOModule
+
+    class RandomHead(VAPOModule):
+        def __init__(self, **kwargs):
+            super().__init__(critic_head_init="random", **kwargs)
+
+    seen = {}
+    for lam in (1.0, 0.5):
+        module, dm, trainer = make_run(module_cls=RandomHead, trainer=dict(max_steps=1),
+                                       algorithm=dict(lambda_critic=lam))
+        original = module.rl_step_on
+        module.rl_step_on = lambda batch, timings, _lam=lam, _f=original: seen.setdefault(_lam, _f(batch, timings))
+        trainer.fit(module, dm)
+    ev = {lam: (out.metrics["critic/explained_var"], out.metrics["critic/explained_var_mc"]) for lam, out in seen.items()}
+    assert ev[1.0][0] == ev[1.0][1]
+    assert ev[0.5][0] != ev[0.5][1]
+
+
 def test_critic_head_init(tiny_model_dir):
     """``zero``: values exactly 0; ``random``: the same head for the same module seed whatever the global RNG
     state, a different one for another seed."""
