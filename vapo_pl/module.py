@@ -101,7 +101,10 @@ class VAPOModule(pl.LightningModule):
             flash-attention's varlen kernel on GPU longer rows cost nothing extra.
         reuse_update_forward: when a batch gets exactly one optimizer step (one PPO epoch, one minibatch, no KL
             penalty in the reward), take the old log-probs and entropies from the update's own forward, detached,
-            instead of a separate forward: they are the same numbers (the ratio is exactly 1).
+            instead of a separate forward: they are the same numbers (the ratio is exactly 1). With a critic whose
+            targets do not depend on its values (``gae`` with ``lambda_critic`` 1, VAPO's Decoupled-GAE) and a
+            strategy other than DeepSpeed, the critic's old values come from its update pass too: its micro-batches
+            run (forward and backward) before the actor's, and GAE gets their detached values.
         seed: seed of the minibatch shuffling.
 
     Subclass hooks (small on purpose): ``build_prompt``, ``compute_reward``, ``build_actor``,
@@ -346,12 +349,23 @@ class VAPOModule(pl.LightningModule):
         return (self.reuse_update_forward and cfg.ppo_epochs == 1 and len(self._minibatches(n)) == 1
                 and cfg.kl_reward_coef == 0)
 
+    def values_from_update(self, n: int) -> bool:
+        """Whether the critic's old values can come from its own update pass: ``one_update_per_batch``, targets that
+        do not depend on the values (``gae`` with ``lambda_critic`` 1: Monte-Carlo returns), and not DeepSpeed (whose
+        engine counts backward calls toward its gradient accumulation)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return (self.critic is not None and self.one_update_per_batch(n) and self.algorithm.estimator == "gae"
+                and self.algorithm.lambda_critic == 1.0
+                and not isinstance(getattr(self._trainer, "strategy", None), DeepSpeedStrategy))
+
     @torch.no_grad()
     def prepare(self, batch: RolloutBatch, critic_only: bool = False) -> PreparedBatch:
         """Old log-probs, entropies, values and reference log-probs, in micro-batches, without grad. The actor's
-        forward is left to the update when ``one_update_per_batch``."""
+        forward is left to the update when ``one_update_per_batch``, the critic's when ``values_from_update``."""
         parts: dict[str, list[Tensor]] = defaultdict(list)
         actor_here = not critic_only and not self.one_update_per_batch(len(batch))
+        values = critic_only or not self.values_from_update(len(batch))
         for idx in self._micro_batches(torch.arange(len(batch), device=batch.scores.device)):
             mb = batch.select(idx)
             if actor_here:
@@ -360,9 +374,33 @@ class VAPOModule(pl.LightningModule):
                 parts["entropy"].append(ent)
             if not critic_only and self.ref_model is not None:
                 parts["ref_logp"].append(self.policy_logprobs(self.ref_model, mb)[0])
-            if self.critic is not None:
+            if self.critic is not None and values:
                 parts["old_values"].append(self.critic_values(mb))
         return PreparedBatch(**{k: torch.cat(v) for k, v in parts.items()})
+
+    def critic_pass_first(self, batch: RolloutBatch, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The critic's share of the single joint update when ``values_from_update``: forward and backward of the
+        value loss on the update's own micro-batches, with these values (detached) as the old values, so value
+        clipping does nothing, as on any first pass. The gradients wait for the joint optimizer step; actor and
+        critic are separate models, so running all critic micro-batches before the actor's gives the same
+        gradients. Returns the (B, T) values and the loss statistics ``update`` logs."""
+        device = batch.scores.device
+        world = self._world
+        n_val_tok = self._sum_across_ranks(batch.response_mask.sum().float()) / world
+        values = torch.zeros(batch.response_mask.shape, device=device)
+        total = torch.zeros((), device=device)
+        clipfrac = []
+        for idx in self._micro_batches(self._minibatches(len(batch))[0].to(device)):
+            mb = batch.select(idx)
+            v = self.critic_values(mb)
+            old = v.detach()
+            values[idx] = old
+            vl, vstats = value_loss(v, old, returns[idx], mb.response_mask, self.algorithm.value_clip)
+            loss = aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_val_tok)
+            self.manual_backward(loss)
+            total = total + loss.detach()
+            clipfrac.append(vstats["vf_clipfrac"])
+        return values, {"critic/value_loss": total, "critic/vf_clipfrac": torch.stack(clipfrac)}
 
     # ------------------------------------------------------------------ the RL step
     def training_step(self, dataloader_iter) -> StepOutput:
@@ -379,6 +417,7 @@ class VAPOModule(pl.LightningModule):
         self.check_on_policy(batch)
         batch = batch.to(self.device)
         t = time.perf_counter()
+        critic_first = self.values_from_update(len(batch))
         prep = self.prepare(batch)
         timings["perf/forward_s"] = time.perf_counter() - t
         mask = batch.response_mask
@@ -392,13 +431,25 @@ class VAPOModule(pl.LightningModule):
                                              self.kl_ctl.value, self.algorithm.kl_reward_estimator)
                 metrics["actor/kl_coef"] = self.kl_ctl.value
                 self.kl_ctl.update(float(kl_mean), n_steps=len(batch) * self._world)
-        adv = self.compute_advantages(batch, rewards, prep.old_values)
         t = time.perf_counter()
+        critic_done = None
+        if critic_first:  # Monte-Carlo returns need no values: the critic's pass runs first and gives them to GAE
+            returns = self.compute_advantages(batch, rewards, torch.zeros_like(rewards)).returns
+            bad = self.first_bad_tensor({"token rewards": rewards, "returns": returns}, batch.response_mask,
+                                        bound={"token rewards": self.algorithm.max_abs_reward})
+            if bad is None:
+                prep.old_values, critic_done = self.critic_pass_first(batch, returns)
+            else:
+                prep.old_values = torch.zeros_like(rewards)
+        adv = self.compute_advantages(batch, rewards, prep.old_values)
         bad = self.first_bad_tensor({"token rewards": rewards, "advantages": adv.advantages, "returns": adv.returns},
                                     batch.response_mask, bound={"token rewards": self.algorithm.max_abs_reward})
+        if bad is not None and critic_done is not None:
+            self.optimizers().zero_grad(set_to_none=True)  # the critic's gradients of a skipped update
         replay = self.critic is not None and self.algorithm.critic_replay_batches > 0
         if bad is None:
-            metrics.update(self.update(batch, prep, adv, epochs=self.algorithm.ppo_epochs if replay else None))
+            metrics.update(self.update(batch, prep, adv, epochs=self.algorithm.ppo_epochs if replay else None,
+                                       critic_done=critic_done))
             bad = metrics.pop("_bad", None)
         if replay and bad is None:
             metrics.update(self.replay_critic_passes(batch))
@@ -497,9 +548,11 @@ class VAPOModule(pl.LightningModule):
         return list(torch.randperm(n, generator=g).split(local))
 
     def update(self, batch: RolloutBatch, prep: PreparedBatch, adv: AdvantageOutputs,
-               critic_only: bool = False, epochs: int | None = None) -> dict[str, float]:
+               critic_only: bool = False, epochs: int | None = None,
+               critic_done: dict[str, Tensor] | None = None) -> dict[str, float]:
         """K epochs over minibatches (``epochs`` overrides K); one optimizer step per minibatch, micro-batches
-        accumulate.
+        accumulate. ``critic_done``: the first pass's critic gradients are in place already
+        (``critic_pass_first``), with these statistics.
 
         Each micro-batch's loss is divided by its minibatch's *global* counts (tokens, correct tokens,
         sequences; summed over ranks and divided by the world size, since DDP averages gradients), so the
@@ -534,6 +587,11 @@ class VAPOModule(pl.LightningModule):
                 summed: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
                 averaged: dict[str, list[Tensor]] = defaultdict(list)
                 total = torch.zeros((), device=device)  # this minibatch's loss, for the finite check
+                critic_here = self.critic is not None and (critic_done is None or critic_only_epoch)
+                if self.critic is not None and not critic_here:
+                    summed["critic/value_loss"] += critic_done["critic/value_loss"]
+                    averaged["critic/vf_clipfrac"].extend(critic_done["critic/vf_clipfrac"].unbind())
+                    total = total + critic_done["critic/value_loss"]
                 for idx in self._micro_batches(mb_idx):
                     loss = torch.zeros((), device=device)
                     if not critic_only_epoch:
@@ -544,7 +602,7 @@ class VAPOModule(pl.LightningModule):
                             summed[k] += v
                         for k, v in ratios.items():
                             averaged[k].append(v)
-                    if self.critic is not None:
+                    if critic_here:
                         critic_loss, vstats = self.critic_loss(batch, prep, adv, idx, n_val_tok)
                         loss = loss + critic_loss
                         summed["critic/value_loss"] += critic_loss.detach()

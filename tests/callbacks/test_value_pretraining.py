@@ -84,10 +84,10 @@ def test_replay_mixes_earlier_batches_into_each_update(make_run):
             calls[-1]["ev"] = metrics["critic/explained_var"]
             return metrics
 
-        def update(self, batch, prep, adv, critic_only=False, epochs=None):
+        def update(self, batch, prep, adv, critic_only=False, epochs=None, **kwargs):
             if calls and critic_only and "ev" not in calls[-1]:
                 calls[-1]["trained"].append((batch, epochs))
-            return super().update(batch, prep, adv, critic_only, epochs)
+            return super().update(batch, prep, adv, critic_only, epochs, **kwargs)
 
     vp = ValuePretraining(steps=4, replay_batches=3)
     module, dm, trainer = make_run(module_cls=Recording, trainer=dict(max_steps=1, callbacks=[vp]),

@@ -146,7 +146,8 @@ class _Recorder:
 def test_one_update_per_batch_reuses_the_update_forward(make_run, estimator):
     """One PPO epoch over one minibatch: the old log-probs are the update pass's own (ratio exactly 1), the separate
     actor forward is skipped (half the actor forwards), and the weights after the step are those of the two-pass
-    path."""
+    path. With a critic on Monte-Carlo targets (gae, lambda_critic 1) the same holds for its old values: half the
+    critic forwards, the same critic weights, value loss and explained variance."""
     results = []
     for reuse in (True, False):
         rec = _Recorder()
@@ -154,20 +155,39 @@ def test_one_update_per_batch_reuses_the_update_forward(make_run, estimator):
                                        trainer={"max_steps": 1, "callbacks": [rec()]})
         module.reuse_update_forward = reuse
         calls = []
+        critic_calls = []
         real = module.policy_logprobs
+        real_values = module.critic_values
 
         def counting(model, *args, **kwargs):
             calls.append(model is module.actor)
             return real(model, *args, **kwargs)
 
+        def counting_values(*args, **kwargs):
+            critic_calls.append(1)
+            return real_values(*args, **kwargs)
+
         module.policy_logprobs = counting
+        module.critic_values = counting_values
         trainer.fit(module, datamodule=dm)
         calls = [c for c in calls if c]
         assert module.one_update_per_batch(16) is reuse
+        assert module.values_from_update(16) is (reuse and estimator == "gae")
+        critic = {k: v.clone() for k, v in module.critic.state_dict().items()} if module.critic is not None else {}
         results.append((len(calls), rec.metrics[0], {k: v.clone() for k, v in module.actor.state_dict().items()},
-                        rec.entropy))
-    (n_reuse, m_reuse, w_reuse, ent_reuse), (n_two, m_two, w_two, ent_two) = results
+                        rec.entropy, len(critic_calls), critic))
+    (n_reuse, m_reuse, w_reuse, ent_reuse, nc_reuse, c_reuse), (n_two, m_two, w_two, ent_two, nc_two, c_two) = results
     assert n_reuse == 4 and n_two == 8  # 4 micro-batches: one forward each instead of two
+    if estimator == "gae":
+        assert nc_reuse == 4 and nc_two == 8
+        for name in ("critic/value_loss", "critic/explained_var", "critic/values_mean", "actor/advantages_mean"):
+            assert m_reuse[name] == pytest.approx(m_two[name], abs=1e-6), name
+        # the separate forward's values differ from the update's in the last bits (other micro-batches), and Adam's
+        # first step (about lr x sign of the gradient) magnifies that for gradients near 0: 1e-5 with lr 1e-3
+        for name in c_reuse:
+            torch.testing.assert_close(c_reuse[name], c_two[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    else:
+        assert nc_reuse == nc_two == 0
     assert m_reuse["actor/ratio_mean"] == 1.0 and m_reuse["actor/ratio_max"] == 1.0
     assert m_reuse["actor/pg_clipfrac_low"] == 0.0 and m_reuse["actor/pg_clipfrac_high"] == 0.0
     assert ent_reuse is not None and torch.allclose(ent_reuse, ent_two, atol=1e-6)
@@ -179,6 +199,17 @@ def test_one_update_per_batch_reuses_the_update_forward(make_run, estimator):
 def test_several_minibatches_keep_the_separate_forward(make_run):
     module, dm, trainer = make_run(algorithm={"minibatch_size": 8}, trainer={"max_steps": 1})
     module.configure_model()
-    assert not module.one_update_per_batch(16)
+    assert not module.one_update_per_batch(16) and not module.values_from_update(16)
     module2, _, _ = make_run(algorithm={"minibatch_size": 16, "ppo_epochs": 2})
     assert not module2.one_update_per_batch(16)
+
+
+def test_critic_targets_that_need_values_keep_the_separate_critic_forward(make_run):
+    """lambda_critic < 1: the critic's targets are built from its old values, so they need their own forward; the
+    actor's old log-probs still come from the update."""
+    module, _, _ = make_run(algorithm={"minibatch_size": 16, "lambda_critic": 0.95})
+    module.configure_model()
+    assert module.one_update_per_batch(16) and not module.values_from_update(16)
+    module2, _, _ = make_run(algorithm={"minibatch_size": 16})
+    module2.configure_model()
+    assert module2.values_from_update(16)
