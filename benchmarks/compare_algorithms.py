@@ -42,6 +42,9 @@ TASKS = {  # task -> (config, output folder, accuracy threshold for "steps to")
 BASELINE_SEEDS_RUNS = ("vapo", "ppo", "grpo", "dapo")
 ABLATIONS = ("wo_value_pretraining", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
              "wo_token_level_loss", "wo_positive_example_lm_loss", "wo_group_sampling")
+# variants of VAPO beyond the paper, run only when named (with --seeds seeds)
+EXTRAS = ("vapo_critic_replay",)
+ALL_RUNS = BASELINE_SEEDS_RUNS + ABLATIONS + EXTRAS
 
 
 def _drop_callback(cfg: dict, name: str) -> None:
@@ -93,14 +96,19 @@ def make_config(base: dict, run: str) -> dict:
         algo["nll_coef"] = 0.0
     elif run == "wo_group_sampling":
         _ungroup(cfg)
+    elif run == "vapo_critic_replay":  # the critic-only passes of RL steps also draw from the last 4 batches
+        algo["critic_replay_batches"] = 4
+        ppo = algo.get("ppo_epochs", 1)
+        if (algo.get("critic_epochs") or ppo) <= ppo:  # the replay trains the critic-only passes: at least one
+            algo["critic_epochs"] = ppo + 1
     else:
-        raise ValueError(f"unknown run {run!r}; valid: {', '.join(BASELINE_SEEDS_RUNS + ABLATIONS)}")
+        raise ValueError(f"unknown run {run!r}; valid: {', '.join(ALL_RUNS)}")
     return cfg
 
 
 # algorithm fields that value pretraining never reads (it trains the critic alone on Monte-Carlo returns)
 _NOT_READ_BY_PRETRAINING = ("lambda_policy", "lambda_critic", "length_adaptive_alpha", "eps_low", "eps_high",
-                            "loss_agg_mode", "nll_coef")
+                            "loss_agg_mode", "nll_coef", "critic_replay_batches")
 
 
 def pretraining_key(cfg: dict, seed: int) -> str | None:
@@ -281,7 +289,7 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for ax, runs in ((axes[0], BASELINE_SEEDS_RUNS), (axes[1], ("vapo",) + ABLATIONS)):
+    for ax, runs in ((axes[0], BASELINE_SEEDS_RUNS), (axes[1], ("vapo",) + ABLATIONS + EXTRAS)):
         for run in runs:
             curves = [r["accuracy"] for r in results if r["run"] == run and r["accuracy"]]
             if not curves:
@@ -323,9 +331,9 @@ def main() -> None:
                     help="every run pretrains its own critic (default: runs whose value pretraining would be the "
                          "same as an earlier run's of the same seed load that run's pretrained critic)")
     args = ap.parse_args()
-    unknown = sorted(set(args.runs + args.retrain) - set(BASELINE_SEEDS_RUNS + ABLATIONS))
+    unknown = sorted(set(args.runs + args.retrain) - set(ALL_RUNS))
     if unknown:
-        ap.error(f"unknown run(s) {', '.join(unknown)}; valid: {', '.join(BASELINE_SEEDS_RUNS + ABLATIONS)}")
+        ap.error(f"unknown run(s) {', '.join(unknown)}; valid: {', '.join(ALL_RUNS)}")
     reused = {}
     if args.reuse:
         try:
@@ -342,7 +350,7 @@ def main() -> None:
     results = []
     shared = None if args.no_share_pretraining else {}
     for run in args.runs:
-        for seed in range(args.seeds if run in BASELINE_SEEDS_RUNS else args.ablation_seeds):
+        for seed in range(args.ablation_seeds if run in ABLATIONS else args.seeds):
             if (run, seed) in reused:
                 old = reused[(run, seed)]
                 if (old.get("max_steps"), old.get("eval_every")) != (steps, args.eval_every):

@@ -23,7 +23,7 @@ _spec.loader.exec_module(compare)
 
 DEMO = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
 LONG = yaml.safe_load((REPO / "configs" / "demo_long.yaml").read_text())
-ALL_RUNS = compare.BASELINE_SEEDS_RUNS + compare.ABLATIONS
+ALL_RUNS = compare.ALL_RUNS
 
 
 def _algo(cfg: dict) -> dict:
@@ -195,10 +195,9 @@ def test_reuse_of_a_bad_file_is_one_line(content, tmp_path, monkeypatch, capsys)
 def test_runs_that_would_pretrain_the_same_critic_share_one_pretraining():
     """VAPO and the ablations that change only what value pretraining never reads get one key per seed; group
     sampling changes the batches (its own key), the baselines and wo_value_pretraining do not pretrain."""
-    keys = {run: compare.pretraining_key(compare.make_config(LONG, run), 0)
-            for run in compare.BASELINE_SEEDS_RUNS + compare.ABLATIONS}
-    shared = {"vapo", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher", "wo_token_level_loss",
-              "wo_positive_example_lm_loss"}
+    keys = {run: compare.pretraining_key(compare.make_config(LONG, run), 0) for run in compare.ALL_RUNS}
+    shared = {"vapo", "vapo_critic_replay", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
+              "wo_token_level_loss", "wo_positive_example_lm_loss"}
     assert {run for run, k in keys.items() if k == keys["vapo"]} == shared
     assert keys["wo_group_sampling"] not in (None, keys["vapo"])
     assert all(keys[run] is None for run in ("ppo", "grpo", "dapo", "wo_value_pretraining"))
@@ -237,3 +236,12 @@ def test_a_resumed_comparison_shares_the_reused_runs_pretrained_critics(tmp_path
     out = capsys.readouterr().out
     assert "vapo                         seed 0: reused from" in out and "(its pretrained critic is shared)" in out
     assert out.count("(its pretrained critic is shared)") == 1
+
+
+def test_the_critic_replay_variant_changes_only_the_replay_on_the_long_task():
+    """On the long task (critic_epochs 4) the variant sets critic_replay_batches and nothing else; on the demo
+    (no critic-only pass) it adds the one pass the replay trains."""
+    cfg = compare.make_config(LONG, "vapo_critic_replay")
+    assert _algo(cfg).pop("critic_replay_batches") == 4 and cfg == LONG
+    demo = _algo(compare.make_config(DEMO, "vapo_critic_replay"))
+    assert demo["critic_replay_batches"] == 4 and demo["critic_epochs"] == demo.get("ppo_epochs", 1) + 1
