@@ -10,20 +10,20 @@ MAX_LOGP_GAP = 1e-4  # vLLM vs transformers in float32 on the same weights: ~1e-
 CROSS_STRATEGY_ATOL = 2e-5  # same data and maths, different reduction order: ~3e-6 seen; one lost step ~1e-3
 
 
-def assert_ranks_identical_and_moving(ranks: list[dict]) -> None:
+def assert_ranks_identical_and_moving(ranks: list[dict], steps: int = STEPS) -> None:
     """After every step both ranks hold bit-identical actor and critic weights, and the step moved them."""
     for rank in ranks:
-        assert len(rank["steps"]) == STEPS
+        assert len(rank["steps"]) == steps
         for step, rec in enumerate(rank["steps"], start=1):
             for model in ("actor", "critic"):
                 r = rec[model]
                 assert r["ranks_identical"], f"step {step}: {model} differs between ranks"
                 assert r["max_change_this_step"] > MIN_STEP_CHANGE, f"step {step}: {model} did not move"
             assert rec["policy_version"] == step
-    for step in range(STEPS):
+    for step in range(steps):
         assert ranks[0]["steps"][step]["actor"]["digest"] == ranks[1]["steps"][step]["actor"]["digest"]
     # identical weights must come from averaged gradients, not identical data: the ranks' prompts differ
-    for step in range(STEPS):
+    for step in range(steps):
         assert not set(ranks[0]["steps"][step]["prompts"]) & set(ranks[1]["steps"][step]["prompts"])
 
 

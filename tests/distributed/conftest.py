@@ -21,8 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
-ORDER = ("rollout", "ddp", "ddp_noclip", "fsdp2", "deepspeed_stock", "deepspeed2", "deepspeed2_noclip",
-         "deepspeed3")
+ORDER = ("rollout", "ddp", "ddp_noclip", "fsdp2", "ddp_onebatch", "ddp_onebatch_separate", "fsdp2_onebatch",
+         "deepspeed_stock", "deepspeed2", "deepspeed2_noclip", "deepspeed3")
 TIMEOUT_S = 600
 WORLD = 2
 
@@ -59,6 +59,13 @@ class DistributedRun:
 
         self.ranks(scenario)
         return torch.load(self.out / f"{scenario}.actor_weights.pt")
+
+    def critic_weights(self, scenario: str):
+        """(steps + 1, n) float32: rank 0's full critic weights at the start and after every step."""
+        import torch
+
+        self.ranks(scenario)
+        return torch.load(self.out / f"{scenario}.critic_weights.pt")
 
 
 def _free_port() -> int:

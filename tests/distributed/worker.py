@@ -151,10 +151,13 @@ class ProbedModule(VAPOModule):
         super().__init__(*a, **kw)
         self.logp_checks: list[dict] = []
         self.fixed_losses: list[float] = []
+        self.values_from_update_seen: list[bool] = []
 
     def prepare(self, batch, critic_only=False):
-        prep = super().prepare(batch, critic_only)
         if not critic_only:
+            self.values_from_update_seen.append(self.values_from_update(len(batch)))
+        prep = super().prepare(batch, critic_only)
+        if not critic_only and prep.old_logp is not None:  # None: the update pass gives them
             m = batch.response_mask
             self.logp_checks.append({
                 # engine log-probs vs the trainer's under the weights the engine was synced to
@@ -204,6 +207,7 @@ class Probe(pl.Callback):
                            for name, items in full.items()}
         self.init = {name: flat(items) for name, items in full.items()}
         self.weights = [self.init["actor"]]
+        self.critic_weights = [self.init["critic"]]
         self.prev = dict(self.init)
         opts = trainer.optimizers
         inner = getattr(opts[0], "optimizer", opts[0])
@@ -243,6 +247,8 @@ class Probe(pl.Callback):
             self.prev[name] = now
             if name == "actor":
                 self.weights.append(now)
+            else:
+                self.critic_weights.append(now)
         rec["engine_last_digest"] = RECEIVED[-1]["digest"]
         rec["policy_version"] = pl_module.policy_version
         self.steps.append(rec)
@@ -270,15 +276,20 @@ def make_strategy(name: str):
 
 
 def scenario_fit(args, name: str) -> dict:
+    """``<strategy>[_noclip]``: RL_STEPS RL steps in two minibatches each, then the fixed-batch phase.
+    ``<strategy>_onebatch[_separate]``: RL_STEPS RL steps in one minibatch each (one update per batch), the old
+    log-probs and values taken from the update pass, or (``_separate``) from their own forwards."""
     from transformers import AutoModelForCausalLM
 
     no_clip = {"actor_grad_clip": None, "critic_grad_clip": None} if name.endswith("_noclip") else {}
+    one_batch = "_onebatch" in name
     module = ProbedModule(
         model_path=args.model,
         critic_head_init="zero",  # the checks below compare with the exactly-zero head of one process
         # kl_loss_coef > 0 adds the frozen reference model (sharded/partitioned like the others)
-        algorithm=AlgorithmConfig(minibatch_size=8, micro_batch_size=2, kl_loss_coef=1e-3),
+        algorithm=AlgorithmConfig(minibatch_size=16 if one_batch else 8, micro_batch_size=2, kl_loss_coef=1e-3),
         optim=OptimConfig(actor_lr=1e-3, critic_lr=2e-3, **no_clip),
+        reuse_update_forward=not name.endswith("_separate"),
     )
     dm = RolloutDataModule(train_files=args.big_prompts, model_path=args.model, max_prompt_length=32,
                            max_response_length=12, prompts_per_step=4, samples_per_prompt=4,
@@ -286,13 +297,15 @@ def scenario_fit(args, name: str) -> dict:
                            reward=[RewardTerm(name="tests.distributed._rewards.coin")])
     attach_engine(dm)
     probe = Probe()
-    trainer = pl.Trainer(strategy=make_strategy(name), accelerator="cpu", devices=2, max_steps=RL_STEPS + 1,
+    trainer = pl.Trainer(strategy=make_strategy(name.split("_onebatch")[0]), accelerator="cpu", devices=2,
+                         max_steps=RL_STEPS if one_batch else RL_STEPS + 1,
                          callbacks=[probe], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out)
     n_received = len(RECEIVED)
     trainer.fit(module, dm)
     if rank() == 0:  # actor weights at start and after every step, for comparisons across strategies
         torch.save(torch.stack(probe.weights), Path(args.out) / f"{name}.actor_weights.pt")
+        torch.save(torch.stack(probe.critic_weights), Path(args.out) / f"{name}.critic_weights.pt")
     # after fit: the strategy's teardown has unregistered ZeRO-3 from transformers, this is a plain load
     ckpt = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).state_dict()
     actor0, critic0 = probe.init_items["actor"], probe.init_items["critic"]
@@ -308,6 +321,7 @@ def scenario_fit(args, name: str) -> dict:
         "steps": probe.steps,
         "logp_checks": module.logp_checks,
         "fixed_losses": module.fixed_losses,
+        "values_from_update": module.values_from_update_seen,
         "received": RECEIVED[n_received:],
         "hf_shapes": {k: list(v.shape) for k, v in ckpt.items()},
         "init_vs_checkpoint": init_vs_ckpt,
@@ -328,6 +342,9 @@ SCENARIOS = {
     "ddp": lambda a: scenario_fit(a, "ddp"),
     "ddp_noclip": lambda a: scenario_fit(a, "ddp_noclip"),
     "fsdp2": lambda a: scenario_fit(a, "fsdp2"),
+    "ddp_onebatch": lambda a: scenario_fit(a, "ddp_onebatch"),
+    "ddp_onebatch_separate": lambda a: scenario_fit(a, "ddp_onebatch_separate"),
+    "fsdp2_onebatch": lambda a: scenario_fit(a, "fsdp2_onebatch"),
     "deepspeed_stock": scenario_deepspeed_stock,
     "deepspeed2": lambda a: scenario_fit(a, "deepspeed2"),
     "deepspeed3": lambda a: scenario_fit(a, "deepspeed3"),
