@@ -9,9 +9,9 @@ What ran: ``scenario_fit`` with ``minibatch_size`` equal to the global batch (16
 
 from __future__ import annotations
 
-from tests.distributed import _checks as checks
-
 import pytest
+
+from tests.distributed import _checks as checks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.vllm]
 

@@ -234,7 +234,7 @@ def test_critic_replay_draws_the_critic_only_passes_from_earlier_rl_batches(make
                                        algorithm=dict(critic_epochs=2, critic_replay_batches=replay))
         trainer.fit(module, dm)
         runs.append((module, steps, seen, {k: v.clone() for k, v in module.actor.state_dict().items()}))
-    (_, steps_0, seen_0, actor_0), (_, steps_1, seen_1, actor_1), (module, steps_3, seen_3, _) = runs
+    (_, steps_0, seen_0, actor_0), (_, steps_1, seen_1, actor_1), (module, _, seen_3, _) = runs
     assert steps_0 == steps_1 == [False, False, True, True]
     assert all(torch.equal(actor_0[k], actor_1[k]) for k in actor_0)
     assert "critic/replay_value_loss" not in seen_0[0][1] and "critic/replay_value_loss" in seen_1[0][1]
