@@ -393,10 +393,8 @@ class VAPOModule(pl.LightningModule):
         for idx in self._micro_batches(self._minibatches(len(batch))[0].to(device)):
             mb = batch.select(idx)
             v = self.critic_values(mb)
-            old = v.detach()
-            values[idx] = old
-            vl, vstats = value_loss(v, old, returns[idx], mb.response_mask, self.algorithm.value_clip)
-            loss = aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_val_tok)
+            values[idx] = v.detach()
+            loss, vstats = self._value_loss(mb, v, values[idx], returns[idx], n_val_tok)
             self.manual_backward(loss)
             total = total + loss.detach()
             clipfrac.append(vstats["vf_clipfrac"])
@@ -690,9 +688,11 @@ class VAPOModule(pl.LightningModule):
         """Clipped value loss toward the ``lambda_critic`` returns for micro-batch ``idx`` (token mean over the
         minibatch)."""
         mb = batch.select(idx)
-        values = self.critic_values(mb)
-        vl, vstats = value_loss(values, prep.old_values[idx], adv.returns[idx], mb.response_mask,
-                                self.algorithm.value_clip)
+        return self._value_loss(mb, self.critic_values(mb), prep.old_values[idx], adv.returns[idx], n_tok)
+
+    def _value_loss(self, mb: RolloutBatch, values: Tensor, old: Tensor, returns: Tensor, n_tok: Tensor
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        vl, vstats = value_loss(values, old, returns, mb.response_mask, self.algorithm.value_clip)
         return aggregate(vl, mb.response_mask, "token-mean", num_tokens=n_tok), vstats
 
     def _clip_and_step(self, opt, critic_only: bool, loss: Tensor) -> tuple[dict[str, Tensor], str | None]:
@@ -729,19 +729,21 @@ class VAPOModule(pl.LightningModule):
         pool = self.rollout_data.concat([*self.critic_replay, batch.to("cpu")])
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rl_step + 7_777_777)
         rows = torch.cat([torch.randperm(len(pool), generator=g) for _ in range(-(-n // len(pool)))])[:n]
-        sub = pool.select(rows).to(self.device)
-        prep = self.prepare(sub, critic_only=True)
-        rewards = self.token_rewards(sub)
-        adv = self.compute_advantages(sub, rewards, prep.old_values)
-        bad = self.first_bad_tensor({"replayed returns": adv.returns}, sub.response_mask)
-        if bad is not None:
-            return {"_bad": bad}
-        metrics = self.update(sub, prep, adv, critic_only=True, epochs=1)
+        metrics = self._critic_pass_on_rows(pool, rows)
         out = {"critic/replay_" + k.removeprefix("critic/"): v for k, v in metrics.items() if k.startswith("critic/")}
         out["critic/replay_rows_from_earlier_batches"] = float((rows < len(pool) - len(batch)).float().mean())
         if "_bad" in metrics:
             out["_bad"] = metrics["_bad"]
         return out
+
+    def _critic_pass_on_rows(self, pool: RolloutBatch, rows: Tensor, monte_carlo_critic: bool = False
+                             ) -> dict[str, float]:
+        """One critic-only pass over rows ``rows`` of ``pool`` (replay during pretraining and RL), with targets from
+        the critic as it is now."""
+        sub = pool.select(rows).to(self.device)
+        prep = self.prepare(sub, critic_only=True)
+        adv = self.compute_advantages(sub, self.token_rewards(sub), prep.old_values, monte_carlo_critic)
+        return self.update(sub, prep, adv, critic_only=True, epochs=1)
 
     def value_pretrain_step(self, batch: RolloutBatch, replay: Sequence[RolloutBatch] = (), draw: int = 0
                             ) -> dict[str, float]:
@@ -762,19 +764,16 @@ class VAPOModule(pl.LightningModule):
                                     bound={"token rewards": self.algorithm.max_abs_reward})
         ev = float(explained_variance(prep.old_values, adv.returns, batch.response_mask))
         reward_mean = float(batch.scores.mean())
-        epochs = None
-        if replay and bad is None:
+        if bad is not None:
+            metrics = {"critic/value_loss": math.nan}
+        elif replay:
             pool = self.rollout_data.concat([*(b.to("cpu") for b in replay), batch.to("cpu")])
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
             n = min(len(pool), len(batch) * (self.algorithm.critic_epochs or self.algorithm.ppo_epochs))
             rows = torch.randperm(len(pool), generator=g)[:n].sort().values
-            epochs = 1
-            batch = pool.select(rows).to(self.device)
-            prep = self.prepare(batch, critic_only=True)
-            rewards = self.token_rewards(batch)
-            adv = self.compute_advantages(batch, rewards, prep.old_values, monte_carlo_critic=True)
-        metrics = (self.update(batch, prep, adv, critic_only=True, epochs=epochs) if bad is None
-                   else {"critic/value_loss": math.nan})
+            metrics = self._critic_pass_on_rows(pool, rows, monte_carlo_critic=True)
+        else:
+            metrics = self.update(batch, prep, adv, critic_only=True)
         self.record_skip(bad or metrics.pop("_bad", None))
         metrics["critic/explained_var"] = ev  # both of the newest batch, whatever the update trained on
         metrics["rollout/reward_mean"] = reward_mean
