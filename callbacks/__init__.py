@@ -2,8 +2,9 @@
 
 from vapo_pl.callbacks.entropy import EntropyTracker
 from vapo_pl.callbacks.evaluation import Evaluation
+from vapo_pl.callbacks.export import ExportActor
 from vapo_pl.callbacks.length import LengthScaling
 from vapo_pl.callbacks.samples import SampleLogger
 from vapo_pl.callbacks.value_pretraining import ValuePretraining
 
-__all__ = ["EntropyTracker", "Evaluation", "LengthScaling", "SampleLogger", "ValuePretraining"]
+__all__ = ["EntropyTracker", "Evaluation", "ExportActor", "LengthScaling", "SampleLogger", "ValuePretraining"]

@@ -41,4 +41,5 @@ def test_callbacks_import_under_the_package_name():
     import vapo_pl.callbacks as cbs
 
     assert cbs.Evaluation.__module__ == "vapo_pl.callbacks.evaluation"
-    assert set(cbs.__all__) == {"EntropyTracker", "Evaluation", "LengthScaling", "SampleLogger", "ValuePretraining"}
+    assert set(cbs.__all__) == \
+        {"EntropyTracker", "Evaluation", "ExportActor", "LengthScaling", "SampleLogger", "ValuePretraining"}

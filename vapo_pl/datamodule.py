@@ -215,7 +215,8 @@ class RolloutDataModule(pl.LightningDataModule):
             )
         return self.prompts_per_step // world
 
-    def _load_tokenizer(self):
+    def load_tokenizer(self):
+        """The policy's tokenizer (from ``data.model_path``), loaded on first use and kept."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -223,7 +224,7 @@ class RolloutDataModule(pl.LightningDataModule):
         return self.tokenizer
 
     def _tokenize(self, records: list[PromptRecord]) -> tuple[list[PromptRecord], list[list[int]], int]:
-        tok = self._load_tokenizer()
+        tok = self.load_tokenizer()
         if self._module is not None and hasattr(self._module, "build_prompt"):
             texts = [self._module.build_prompt(r, tok, self.template) for r in records]
         else:
@@ -269,7 +270,7 @@ class RolloutDataModule(pl.LightningDataModule):
         response (its prompt rendered like a rollout's), each ending with EOS, cut to ``ptx_max_length``."""
         from vapo_pl.prompts import DataError, _read_rows
 
-        tok = self._load_tokenizer()
+        tok = self.load_tokenizer()
         eos = tok.eos_token_id
         for p in [self.ptx_files] if isinstance(self.ptx_files, str) else self.ptx_files:
             if not Path(p).exists():
@@ -544,12 +545,12 @@ class RolloutDataModule(pl.LightningDataModule):
         return batch
 
     def _pad_id(self) -> int:
-        tok = self._load_tokenizer()
+        tok = self.load_tokenizer()
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def _score(self, idx: list[int], outs: list[list[Completion]], records: list[PromptRecord],
                prompt_ids: list[list[int]], version: int) -> RolloutBatch:
-        tok = self._load_tokenizer()
+        tok = self.load_tokenizer()
         n = len(outs[0])
         comps = [c for group in outs for c in group]
         sample_prompt = [i for i in idx for _ in range(n)]

@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -919,8 +921,24 @@ class VAPOModule(pl.LightningModule):
             checkpoint["state_dict"].update({f"ref_model.{k}": v for k, v in self.ref_model.state_dict().items()})
 
     def export_actor(self, path: str) -> None:
-        """Save the actor in Hugging Face format (with the tokenizer), loadable by vLLM and transformers."""
+        """Save the actor in Hugging Face format (with the tokenizer), loadable by vLLM and transformers.
+
+        Every rank takes part (sharded weights are gathered); rank 0 writes into a temporary directory next to
+        ``path`` and renames it into place, so ``path`` is either complete or absent, and an existing ``path`` is
+        replaced."""
         state = dict(self.actor_state_items())
         if self.global_rank == 0:
-            self.actor.save_pretrained(path, state_dict=state)
-            self.rollout_data._load_tokenizer().save_pretrained(path)
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.partial")
+            old = target.with_name(f".{target.name}.old")
+            for leftover in (tmp, old):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+            self.actor.save_pretrained(tmp, state_dict=state)
+            self.rollout_data.load_tokenizer().save_pretrained(tmp)
+            if target.exists():
+                target.rename(old)
+            tmp.rename(target)
+            if old.exists():
+                shutil.rmtree(old)
