@@ -43,7 +43,7 @@ BASELINE_SEEDS_RUNS = ("vapo", "ppo", "grpo", "dapo")
 ABLATIONS = ("wo_value_pretraining", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
              "wo_token_level_loss", "wo_positive_example_lm_loss", "wo_group_sampling")
 # variants of VAPO beyond the paper, run only when named (with --seeds seeds)
-EXTRAS = ("vapo_critic_replay",)
+EXTRAS = ("vapo_critic_replay", "vapo_logprob_critic")
 ALL_RUNS = BASELINE_SEEDS_RUNS + ABLATIONS + EXTRAS
 
 
@@ -101,6 +101,8 @@ def make_config(base: dict, run: str) -> dict:
         ppo = algo.get("ppo_epochs", 1)
         if (algo.get("critic_epochs") or ppo) <= ppo:  # the replay trains the critic-only passes: at least one
             algo["critic_epochs"] = ppo + 1
+    elif run == "vapo_logprob_critic":  # the critic also reads the written tokens' log-probs (its own pretraining)
+        cfg["model"]["init_args"]["critic_logprob_features"] = True
     else:
         raise ValueError(f"unknown run {run!r}; valid: {', '.join(ALL_RUNS)}")
     return cfg

@@ -16,6 +16,11 @@ and last one, next to three references computed on the same held-out rollouts:
     python benchmarks/critic_fit.py                                   # the demo base policy, trainer defaults
     python benchmarks/critic_fit.py --head-init random --head-lr 1e-2 --grad-clip 0 --steps 800
     python benchmarks/critic_fit.py --targets rule                    # learnability: fit the rule's values
+    python benchmarks/critic_fit.py --task long --policy exports/step_000020 --logprob-features  # log-prob head
+
+``--logprob-features`` builds the critic with its log-prob head (``model.critic_logprob_features``), computes the
+sampled tokens' log-probs with the policy, and adds a fourth reference that sees only their running minimum (the
+training success rate in each of 10 quantile bins of it).
 
 ``--targets rule`` trains on the rule's noise-free values instead of the returns (explained variance is still
 measured against the returns). Run it alone on the machine: it is CPU-bound.
@@ -117,10 +122,43 @@ def to_batch(split: dict, idx: torch.Tensor, pad_id: int):
         resp_mask[j, : len(ri)] = True
     scores = split["scores"][idx]
     lengths = resp_mask.sum(1)
+    logprobs = torch.zeros(b, t)
+    if "logprobs" in split:
+        for j, i in enumerate(rows):
+            logprobs[j, : len(split["logprobs"][i])] = split["logprobs"][i]
     return RolloutBatch(input_ids=input_ids, attention_mask=attn, response_mask=resp_mask,
-                        rollout_logprobs=torch.zeros(b, t), scores=scores, correct=scores > 0, lengths=lengths,
+                        rollout_logprobs=logprobs, scores=scores, correct=scores > 0, lengths=lengths,
                         truncated=torch.zeros(b, dtype=torch.bool), group_index=split["group"][idx],
                         weight_version=0)
+
+
+@torch.no_grad()
+def add_logprobs(module, split: dict, pad_id: int) -> None:
+    """``split["logprobs"]``: each response's sampled tokens' log-probs under the policy at temperature 1 (what
+    the sampler reports), computed with the trainer's own ``policy_logprobs``."""
+    from transformers import AutoModelForCausalLM
+
+    actor = AutoModelForCausalLM.from_pretrained(module.model_path, dtype=torch.float32).eval()
+    out = []
+    n = len(split["scores"])
+    for i in range(0, n, 256):
+        batch = to_batch(split, torch.arange(i, min(i + 256, n)), pad_id)
+        logp, _ = module.policy_logprobs(actor, batch)
+        out.extend(row[: int(k)] for row, k in zip(logp, batch.lengths))
+    split["logprobs"] = out
+
+
+def binned_reference(train_x: torch.Tensor, train_mask: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor,
+                     bins: int = 10) -> torch.Tensor:
+    """A predictor of one scalar feature: the training success rate within each of ``bins`` quantile bins."""
+    edges = torch.quantile(train_x[train_mask], torch.linspace(0, 1, bins + 1)[1:-1])
+    which = torch.bucketize(train_x.contiguous(), edges)
+    rate = torch.full((bins,), float(train_y[train_mask].mean()))
+    for k in range(bins):
+        sel = (which == k) & train_mask
+        if sel.any():
+            rate[k] = train_y[sel].mean()
+    return rate[torch.bucketize(x.contiguous(), edges)]
 
 
 # ----------------------------------------------------------------------------- explained variance
@@ -172,6 +210,9 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     ap.add_argument("--grad-clip", type=float, default=1.0, help="0 = off")
     ap.add_argument("--return-scale", type=float, default=1.0, help="targets multiplied by this (values divided back)")
     ap.add_argument("--targets", default="returns", choices=["returns", "rule"])
+    ap.add_argument("--logprob-features", action="store_true",
+                    help="critic with the log-prob head (model.critic_logprob_features); adds a reference that sees "
+                         "only the running minimum of the written tokens' log-probs")
     ap.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps")
     ap.add_argument("--stream-prompts", type=int, default=0,
                     help="draw minibatches as the trainer does: this many prompts' samples at a time, shuffled "
@@ -229,10 +270,25 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
         refs["rule"] = report("rule", rule_values(held, list(range(len(hb))), mask.shape[1]), returns, mask)
 
     torch.manual_seed(args.seed)
-    module = VAPOModule(model_path=str(policy), critic_head_init=args.head_init)
+    module = VAPOModule(model_path=str(policy), critic_head_init=args.head_init,
+                        critic_logprob_features=args.logprob_features)
+    if args.logprob_features:
+        from vapo_pl.critic import logprob_state_features
+
+        add_logprobs(module, train, pad_id)
+        add_logprobs(module, held, pad_id)
+        hb = to_batch(held, torch.arange(len(held["scores"])), pad_id)
+        tb = to_batch(train, torch.arange(len(train["scores"])), pad_id)
+        run_min = logprob_state_features(tb.rollout_logprobs, tb.response_mask)[..., 0]
+        held_min = logprob_state_features(hb.rollout_logprobs, mask)[..., 0]
+        train_returns = tb.scores.unsqueeze(1).expand_as(tb.response_mask).float()
+        refs["logprob min"] = report("log-prob running min", binned_reference(
+            run_min, tb.response_mask, train_returns, held_min), returns, mask)
     critic = module.build_critic()
     module.critic = critic
     head = list(critic.value_head.parameters())
+    if critic.logprob_head is not None:
+        head += list(critic.logprob_head.parameters())
     head_ids = {id(p) for p in head}
     body = [p for p in critic.parameters() if id(p) not in head_ids]
     opt = torch.optim.AdamW([{"params": body, "lr": args.lr},
@@ -268,7 +324,8 @@ def main(argv: list[str] | None = None, grade=None) -> dict:
     t_train = 0.0
     print(f"critic: {sum(p.numel() for p in critic.parameters()) / 1e3:.0f} k parameters; lr {args.lr}, head lr "
           f"{args.head_lr or args.lr}, head init {args.head_init}, value clip {clip}, grad clip "
-          f"{args.grad_clip or None}, epochs {args.epochs}, return scale {scale}, targets {args.targets}", flush=True)
+          f"{args.grad_clip or None}, epochs {args.epochs}, return scale {scale}, targets {args.targets}, log-prob "
+          f"features {args.logprob_features}", flush=True)
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > n:
             order, pos = permutation(), 0

@@ -200,6 +200,9 @@ def test_runs_that_would_pretrain_the_same_critic_share_one_pretraining():
               "wo_token_level_loss", "wo_positive_example_lm_loss"}
     assert {run for run, k in keys.items() if k == keys["vapo"]} == shared
     assert keys["wo_group_sampling"] not in (None, keys["vapo"])
+    assert keys["vapo_logprob_critic"] not in (None, keys["vapo"])  # a different critic: its own pretraining
+    assert compare.make_config(LONG, "vapo_logprob_critic")["model"]["init_args"]["critic_logprob_features"] is True
+    assert "critic_logprob_features" not in compare.make_config(LONG, "vapo")["model"]["init_args"]
     assert all(keys[run] is None for run in ("ppo", "grpo", "dapo", "wo_value_pretraining"))
     assert compare.pretraining_key(compare.make_config(LONG, "vapo"), 1) != keys["vapo"]
 

@@ -42,7 +42,7 @@ from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import PreparedBatch, RolloutBatch, StepOutput
 from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
-from vapo_pl.critic import ValueModel
+from vapo_pl.critic import ValueModel, logprob_state_features
 from vapo_pl.packing import Packed, pack, packed_targets
 from vapo_pl.prompts import PromptRecord, render_prompt
 from vapo_pl.rewards.base import RewardInput, RewardOutput
@@ -92,6 +92,10 @@ class VAPOModule(pl.LightningModule):
         critic_head_init: the new head of a ``base`` critic: ``random`` (``nn.Linear``'s uniform init, so the
             backbone gets gradient from the first step) or ``zero`` (values start at 0; learned 10x slower on
             the demo task, see ``benchmarks/critic_fit.py``).
+        critic_logprob_features: give the critic the sampler's log-probs of the tokens already written (their
+            running minimum, running mean and last, through a small MLP added to the value head): a slip the
+            policy itself found unlikely then shows in the value where it is written. Off by default (not in the
+            paper); see ``vapo_pl.critic.logprob_state_features`` and ``docs/decisions.md``.
         algorithm: every switch of VAPO and its siblings (see ``AlgorithmConfig``).
         optim: AdamW settings per model.
         gradient_checkpointing: recompute activations in backward (saves memory on long responses).
@@ -119,6 +123,7 @@ class VAPOModule(pl.LightningModule):
         critic_path: str | None = None,
         critic_init: str = "base",
         critic_head_init: str = "random",
+        critic_logprob_features: bool = False,
         algorithm: AlgorithmConfig | None = None,
         optim: OptimConfig | None = None,
         gradient_checkpointing: bool = False,
@@ -133,6 +138,8 @@ class VAPOModule(pl.LightningModule):
             raise ValueError(f"model.critic_init must be 'base' or 'reward_model', got {critic_init!r}")
         if critic_head_init not in ("zero", "random"):
             raise ValueError(f"model.critic_head_init must be 'zero' or 'random', got {critic_head_init!r}")
+        if not isinstance(critic_logprob_features, bool):
+            raise ValueError(f"model.critic_logprob_features must be true or false, got {critic_logprob_features!r}")
         if logprob_chunk_size < 1:
             raise ValueError(f"model.logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         if isinstance(pack_row_tokens, bool) or not isinstance(pack_row_tokens, int) or pack_row_tokens < 1:
@@ -141,6 +148,7 @@ class VAPOModule(pl.LightningModule):
         self.critic_path = critic_path
         self.critic_init = critic_init
         self.critic_head_init = critic_head_init
+        self.critic_logprob_features = critic_logprob_features
         # plain dicts are accepted too, for Python users (the CLI builds the dataclasses itself)
         self.algorithm = AlgorithmConfig(**algorithm) if isinstance(algorithm, dict) else algorithm or AlgorithmConfig()
         self.optim = OptimConfig(**optim) if isinstance(optim, dict) else optim or OptimConfig()
@@ -187,10 +195,12 @@ class VAPOModule(pl.LightningModule):
                                                     dtype=torch.float32)
 
     def build_critic(self) -> nn.Module:
-        """A module mapping (input_ids, attention_mask, position_ids) to (B, L) values."""
+        """A module mapping (input_ids, attention_mask, position_ids) to (B, L) values; with
+        ``critic_logprob_features`` it also takes ``logprob_features=`` and has ``uses_logprob_features`` true."""
         path = require_model_dir(self.critic_path or self.model_path, "model.critic_path")
         return ValueModel.from_pretrained(path, init=self.critic_init, torch_dtype=torch.float32,
-                                          head_init=self.critic_head_init, seed=self.seed)
+                                          head_init=self.critic_head_init, seed=self.seed,
+                                          logprob_features=self.critic_logprob_features)
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """(B, T) rewards per response token: the sequence score on its last token (sparse reward)."""
@@ -216,6 +226,9 @@ class VAPOModule(pl.LightningModule):
             self.actor.eval()
         elif self.uses_critic:
             self.critic = self.build_critic()
+            if self.critic_logprob_features and not getattr(self.critic, "uses_logprob_features", False):
+                raise ValueError("model.critic_logprob_features is on, but build_critic() returned a critic without a "
+                                 "log-prob head (build it with ValueModel.from_pretrained(..., logprob_features=True))")
         if self.algorithm.uses_reference and not self._evaluating:
             self.ref_model = self.build_actor().eval().requires_grad_(False)
             keep_output_head_in_fp32(self.ref_model)
@@ -328,12 +341,22 @@ class VAPOModule(pl.LightningModule):
 
     def critic_values(self, batch: RolloutBatch) -> Tensor:
         """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t (0 at padding)."""
+        feats = None
+        if getattr(self.critic, "uses_logprob_features", False):
+            feats = logprob_state_features(batch.rollout_logprobs, batch.response_mask)  # (B, T, 3)
         if self.packing:
             packed = self._pack(batch)
-            return packed.gather(self.critic(packed.input_ids, None, packed.position_ids))
+            if feats is not None:
+                feats = packed.scatter(feats)
+            return packed.gather(self.critic(packed.input_ids, None, packed.position_ids, logprob_features=feats))
         width = batch.response_mask.shape[1]
-        values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask))
         start = batch.prompt_width - 1
+        if feats is not None:  # the value of s_t is read at column start + t
+            feats = torch.nn.functional.pad(feats, (0, 0, start, batch.input_ids.shape[1] - start - width))
+            values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask),
+                                 logprob_features=feats)
+        else:
+            values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask))
         return values[:, start : start + width]
 
     def _pack(self, batch: RolloutBatch) -> Packed:

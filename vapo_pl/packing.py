@@ -32,6 +32,14 @@ class Packed:
     read_col: Tensor  # (B, T) column whose output predicts response token t (clamped into the row)
     response_mask: Tensor  # (B, T) bool, real response tokens
 
+    def scatter(self, per_token: Tensor) -> Tensor:
+        """(B, T, ...) -> (R, L, ...): the inverse of ``gather`` for real response tokens; zero elsewhere."""
+        r, length = self.input_ids.shape
+        out = per_token.new_zeros((r, length, *per_token.shape[2:]))
+        rows = self.row.unsqueeze(1).expand_as(self.read_col)
+        out[rows[self.response_mask], self.read_col[self.response_mask]] = per_token[self.response_mask]
+        return out
+
     def gather(self, per_position: Tensor) -> Tensor:
         """(R, L, ...) -> (B, T, ...): each response token's entry; zero where the response is padding."""
         out = per_position[self.row.unsqueeze(1), self.read_col]

@@ -65,3 +65,23 @@ def test_critic_fit_runs_and_reports_the_references(small_build, tmp_path):
     assert len(list(tmp_path.glob("rollouts-*.pt"))) == 1
     again = critic_fit.main(args, grade=even_length)  # rollouts come from the cache: the same references
     assert again["references"] == result["references"]
+    with_lp = critic_fit.main(args + ["--logprob-features"], grade=even_length)  # the critic's log-prob head
+    assert set(with_lp["references"]) == {"batch mean", "prompt only", "rule", "logprob min"}
+    assert with_lp["references"]["rule"] == result["references"]["rule"]
+    assert all(math.isfinite(row["all"]) for row in with_lp["curve"])
+    assert with_lp["curve"] != result["curve"]  # another critic
+
+
+def test_the_binned_reference_predicts_each_bins_success_rate():
+    import torch
+
+    spec = importlib.util.spec_from_file_location("critic_fit", REPO / "benchmarks" / "critic_fit.py")
+    critic_fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(critic_fit)
+    x = torch.arange(40.0).view(4, 10)  # 40 distinct feature values, 4 bins of 10
+    y = (x >= 30).float()  # only the top bin succeeds
+    mask = torch.ones_like(x, dtype=torch.bool)
+    pred = critic_fit.binned_reference(x, mask, y, x, bins=4)
+    torch.testing.assert_close(pred, y)
+    mask[3] = False  # bins from the masked-in values only (0-29, none succeeding): a 39 falls in their top bin
+    assert float(critic_fit.binned_reference(x, mask, y, torch.tensor([39.0]), bins=4)[0]) == 0.0

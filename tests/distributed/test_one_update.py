@@ -3,8 +3,8 @@ log-probs and the critic's old values come from the update pass (the critic's mi
 backward before the actor's), and the weights after every step are those of the path with separate forwards.
 
 What ran: ``scenario_fit`` with ``minibatch_size`` equal to the global batch (16), VAPO defaults (GAE,
-``lambda_critic`` 1), a small KL loss (reference model present), 2 RL steps; ``ddp_onebatch_separate`` has
-``reuse_update_forward=False``.
+``lambda_critic`` 1), a small KL loss (reference model present), the critic's log-prob head on
+(``critic_logprob_features``), 2 RL steps; ``ddp_onebatch_separate`` has ``reuse_update_forward=False``.
 """
 
 from __future__ import annotations

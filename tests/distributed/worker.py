@@ -286,6 +286,7 @@ def scenario_fit(args, name: str) -> dict:
     module = ProbedModule(
         model_path=args.model,
         critic_head_init="zero",  # the checks below compare with the exactly-zero head of one process
+        critic_logprob_features=one_batch,  # the critic's log-prob head, sharded (FSDP2) and replicated (DDP)
         # kl_loss_coef > 0 adds the frozen reference model (sharded/partitioned like the others)
         algorithm=AlgorithmConfig(minibatch_size=16 if one_batch else 8, micro_batch_size=2, kl_loss_coef=1e-3),
         optim=OptimConfig(actor_lr=1e-3, critic_lr=2e-3, **no_clip),
