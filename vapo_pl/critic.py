@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from vapo_pl.common import fp32_forward
 from vapo_pl.parallel import gathered_for_init
 
-
 LOGPROB_FEATURES = 3  # per state: running minimum, running mean and last of the written tokens' log-probs
 _LOGPROB_FLOOR = -20.0  # log-probs are clamped here (a token sampled at e^-20 is as telling as one at e^-40)
 _LOGPROB_SCALE = 5.0  # ... and divided by this, so the features lie in [-4, 0]

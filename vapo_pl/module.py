@@ -139,7 +139,8 @@ class VAPOModule(pl.LightningModule):
         if critic_head_init not in ("zero", "random"):
             raise ValueError(f"model.critic_head_init must be 'zero' or 'random', got {critic_head_init!r}")
         if not isinstance(critic_logprob_features, bool):
-            raise ValueError(f"model.critic_logprob_features must be true or false, got {critic_logprob_features!r}")
+            raise ValueError(  # noqa: TRY004 - config errors are ValueErrors here
+                f"model.critic_logprob_features must be true or false, got {critic_logprob_features!r}")
         if logprob_chunk_size < 1:
             raise ValueError(f"model.logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         if isinstance(pack_row_tokens, bool) or not isinstance(pack_row_tokens, int) or pack_row_tokens < 1:

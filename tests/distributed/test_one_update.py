@@ -4,7 +4,8 @@ backward before the actor's), and the weights after every step are those of the 
 
 What ran: ``scenario_fit`` with ``minibatch_size`` equal to the global batch (16), VAPO defaults (GAE,
 ``lambda_critic`` 1), a small KL loss (reference model present), the critic's log-prob head on
-(``critic_logprob_features``), 2 RL steps; ``ddp_onebatch_separate`` has ``reuse_update_forward=False``.
+(``critic_logprob_features``), 2 RL steps, then ``ExportActor``; ``ddp_onebatch_separate`` has
+``reuse_update_forward=False``.
 """
 
 from __future__ import annotations
@@ -34,3 +35,12 @@ def test_weights_match_the_separate_forwards_step_by_step(distributed_run, scena
         assert diff[0] == 0.0 and max(diff) < checks.CROSS_STRATEGY_ATOL, diff
         moved = checks.max_abs_diff(separate[1:], separate[:-1])
         assert min(moved) > 10 * checks.CROSS_STRATEGY_ATOL, moved
+
+
+def test_export_actor_writes_the_whole_actor_from_ddp_and_fsdp2(distributed_run):
+    """``ExportActor`` after the last step: every rank gathers, rank 0 writes; the export loads in transformers with
+    exactly the actor's final full weights (FSDP2 shards included)."""
+    for scenario in ("ddp_onebatch", "fsdp2_onebatch"):
+        first = distributed_run.ranks(scenario)[0]
+        assert first["export"]["same_keys"], scenario
+        assert first["export"]["max_abs_diff"] == 0.0, (scenario, first["export"])

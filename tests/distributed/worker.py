@@ -32,6 +32,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from vapo_pl.callbacks import ExportActor
 
 from vapo_pl import RolloutDataModule, VAPOModule
 from vapo_pl.config import AlgorithmConfig, OptimConfig
@@ -231,6 +232,10 @@ class Probe(pl.Callback):
             "received_at_start": len(RECEIVED),
         }
 
+    def on_train_end(self, trainer, pl_module):
+        """The actor's full weights at the end (after ``ExportActor``'s last export, which runs first)."""
+        self.final_actor = {k: v.detach().cpu().clone() for k, v in self._full(pl_module, pl_module.actor)}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         rec = {"metrics": {k: v for k, v in outputs["metrics"].items() if isinstance(v, float)},
                "prompts": sorted({m["prompt"] for m in outputs["rollout"].metadata})}
@@ -298,9 +303,12 @@ def scenario_fit(args, name: str) -> dict:
                            reward=[RewardTerm(name="tests.distributed._rewards.coin")])
     attach_engine(dm)
     probe = Probe()
+    # the one-batch runs also export the actor (every rank gathers, rank 0 writes) after the last step
+    exports = Path(args.out) / f"{name}_exports"
+    callbacks = [ExportActor(str(exports)), probe] if one_batch else [probe]
     trainer = pl.Trainer(strategy=make_strategy(name.split("_onebatch")[0]), accelerator="cpu", devices=2,
                          max_steps=RL_STEPS if one_batch else RL_STEPS + 1,
-                         callbacks=[probe], logger=False, enable_checkpointing=False,
+                         callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out)
     n_received = len(RECEIVED)
     trainer.fit(module, dm)
@@ -315,7 +323,14 @@ def scenario_fit(args, name: str) -> dict:
         "critic_backbone": max(float((v - ckpt["model." + k.removeprefix("backbone.")]).abs().max())
                                for k, v in critic0.items() if k.startswith("backbone.")),
     }
+    export_diff = None
+    if one_batch and rank() == 0:  # the exported model loads in transformers with the actor's final weights
+        exported = AutoModelForCausalLM.from_pretrained(exports / f"step_{RL_STEPS:06d}", dtype=torch.float32)
+        state = exported.state_dict()
+        export_diff = {"same_keys": set(state) >= set(probe.final_actor),
+                       "max_abs_diff": max(float((state[k] - v).abs().max()) for k, v in probe.final_actor.items())}
     return {
+        "export": export_diff,
         "strategy": type(trainer.strategy).__name__,
         "global_step": trainer.global_step,
         "start": probe.start,
