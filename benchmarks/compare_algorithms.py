@@ -43,7 +43,7 @@ BASELINE_SEEDS_RUNS = ("vapo", "ppo", "grpo", "dapo")
 ABLATIONS = ("wo_value_pretraining", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
              "wo_token_level_loss", "wo_positive_example_lm_loss", "wo_group_sampling")
 # variants of VAPO beyond the paper, run only when named (with --seeds seeds)
-EXTRAS = ("vapo_critic_replay", "vapo_logprob_critic")
+EXTRAS = ("vapo_critic_replay", "vapo_logprob_critic", "wo_group_sampling_logprob_critic")
 ALL_RUNS = BASELINE_SEEDS_RUNS + ABLATIONS + EXTRAS
 
 
@@ -103,6 +103,9 @@ def make_config(base: dict, run: str) -> dict:
             algo["critic_epochs"] = ppo + 1
     elif run == "vapo_logprob_critic":  # the critic also reads the written tokens' log-probs (its own pretraining)
         cfg["model"]["init_args"]["critic_logprob_features"] = True
+    elif run == "wo_group_sampling_logprob_critic":  # both: more prompts per step and the log-prob head
+        cfg["model"]["init_args"]["critic_logprob_features"] = True
+        _ungroup(cfg)
     else:
         raise ValueError(f"unknown run {run!r}; valid: {', '.join(ALL_RUNS)}")
     return cfg

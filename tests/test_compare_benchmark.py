@@ -203,6 +203,11 @@ def test_runs_that_would_pretrain_the_same_critic_share_one_pretraining():
     assert keys["vapo_logprob_critic"] not in (None, keys["vapo"])  # a different critic: its own pretraining
     assert compare.make_config(LONG, "vapo_logprob_critic")["model"]["init_args"]["critic_logprob_features"] is True
     assert "critic_logprob_features" not in compare.make_config(LONG, "vapo")["model"]["init_args"]
+    both = compare.make_config(LONG, "wo_group_sampling_logprob_critic")
+    assert both["model"]["init_args"]["critic_logprob_features"] is True
+    assert both["data"]["init_args"] == compare.make_config(LONG, "wo_group_sampling")["data"]["init_args"]
+    assert keys["wo_group_sampling_logprob_critic"] not in (None, keys["vapo"], keys["wo_group_sampling"],
+                                                            keys["vapo_logprob_critic"])
     assert all(keys[run] is None for run in ("ppo", "grpo", "dapo", "wo_value_pretraining"))
     assert compare.pretraining_key(compare.make_config(LONG, "vapo"), 1) != keys["vapo"]
 
