@@ -294,18 +294,21 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # 20 distinct colours, the strong ones first
     for ax, runs in ((axes[0], BASELINE_SEEDS_RUNS), (axes[1], ("vapo",) + ABLATIONS + EXTRAS)):
-        for run in runs:
+        for k, run in enumerate(runs):
             curves = [r["accuracy"] for r in results if r["run"] == run and r["accuracy"]]
             if not curves:
                 continue
             steps = [s for s, _ in curves[0]]
             mean = [statistics.mean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
-            ax.plot(steps, mean, marker="o", ms=3, label=f"{run} (n={len(curves)})")
+            color = colors[k % len(colors)]
+            ax.plot(steps, mean, marker="o", ms=3, color=color, ls="--" if run in EXTRAS else "-",
+                    label=f"{run} (n={len(curves)})")
             if len(curves) > 1:
                 lo = [min(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
                 hi = [max(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
-                ax.fill_between(steps, lo, hi, alpha=0.15)
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
         ax.axhline(threshold, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("RL step")
         ax.set_ylabel("held-out accuracy (mean@k)")
