@@ -40,6 +40,7 @@ from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
 from vapo_pl.algorithms.utils import masked_mean
 from vapo_pl.algorithms.value import explained_variance, value_loss
 from vapo_pl.batch import PreparedBatch, RolloutBatch, StepOutput
+from vapo_pl.checkpointing import PARTIAL_SUFFIX
 from vapo_pl.common import fp32_forward, require_model_dir, sum_across_ranks, world
 from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel, logprob_state_features
@@ -342,22 +343,18 @@ class VAPOModule(pl.LightningModule):
 
     def critic_values(self, batch: RolloutBatch) -> Tensor:
         """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t (0 at padding)."""
-        feats = None
+        feats = None  # (B, T, 3), placed below where each state's value is read; only for a critic that reads them
         if getattr(self.critic, "uses_logprob_features", False):
-            feats = logprob_state_features(batch.rollout_logprobs, batch.response_mask)  # (B, T, 3)
+            feats = logprob_state_features(batch.rollout_logprobs, batch.response_mask)
         if self.packing:
             packed = self._pack(batch)
-            if feats is not None:
-                feats = packed.scatter(feats)
-            return packed.gather(self.critic(packed.input_ids, None, packed.position_ids, logprob_features=feats))
+            extra = {} if feats is None else {"logprob_features": packed.scatter(feats)}
+            return packed.gather(self.critic(packed.input_ids, None, packed.position_ids, **extra))
         width = batch.response_mask.shape[1]
-        start = batch.prompt_width - 1
-        if feats is not None:  # the value of s_t is read at column start + t
-            feats = torch.nn.functional.pad(feats, (0, 0, start, batch.input_ids.shape[1] - start - width))
-            values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask),
-                                 logprob_features=feats)
-        else:
-            values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask))
+        start = batch.prompt_width - 1  # the value of s_t is read at column start + t
+        extra = {} if feats is None else {"logprob_features": torch.nn.functional.pad(
+            feats, (0, 0, start, batch.input_ids.shape[1] - start - width))}
+        values = self.critic(batch.input_ids, batch.attention_mask, _position_ids(batch.attention_mask), **extra)
         return values[:, start : start + width]
 
     def _pack(self, batch: RolloutBatch) -> Packed:
@@ -954,7 +951,7 @@ class VAPOModule(pl.LightningModule):
         if self.global_rank == 0:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.partial")
+            tmp = target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
             old = target.with_name(f".{target.name}.old")
             for leftover in (tmp, old):
                 if leftover.exists():
