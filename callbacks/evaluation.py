@@ -28,7 +28,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from vapo_pl.common import derive_seed, publish_metrics
@@ -229,16 +228,17 @@ class Evaluation(pl.Callback):
         total = len(datamodule.val_prompt_ids)
         if self.max_problems is not None:
             total = min(total, self.max_problems)
-        rank, world = _world()
-        mine = list(range(total))[rank::world]
+        if hasattr(datamodule, "deal"):  # per engine replica: a tensor-parallel group submits the same prompts
+            mine = datamodule.deal(range(total))
+        else:
+            rank, world = _world()
+            mine = list(range(total))[rank::world]
         sums = torch.zeros(7, dtype=torch.float64)
         sampling = lambda first: self.sampling(datamodule, step, first)  # noqa: E731
         for batch in datamodule.evaluate(mine, sampling, self.prompts_per_call):
             extracted = [m.get("extracted") for m in batch.metadata] if batch.metadata else [None] * len(batch)
             sums += self.problem_sums(batch.correct, extracted, batch.lengths, batch.truncated)
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
-        mean, pas, maj, n_problems, len_sum, n_samples, n_trunc = _sum_across_ranks(sums.to(device)).tolist()
+        mean, pas, maj, n_problems, len_sum, n_samples, n_trunc = _sum_across_ranks(sums).tolist()
         names = self.metric_names()
         metrics = dict(zip(names, [mean / n_problems, pas / n_problems, maj / n_problems, len_sum / n_samples,
                                    n_trunc / n_samples]))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from vapo_pl.common import publish_metrics
+from vapo_pl.common import collective_device, publish_metrics
 
 HISTOGRAM_TAG = "rollout/response_length"
 
@@ -72,6 +72,7 @@ def _gather_columns(x: Tensor) -> Tensor:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return x
     world = dist.get_world_size()
+    home, x = x.device, x.to(collective_device())  # NCCL takes CUDA tensors only, gloo CPU ones
     size = torch.tensor([x.shape[1]], dtype=torch.long, device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
@@ -79,7 +80,7 @@ def _gather_columns(x: Tensor) -> Tensor:
     padded = torch.nn.functional.pad(x, (0, width - x.shape[1]))  # all_gather needs equal shapes
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:, : int(s.item())] for p, s in zip(parts, sizes)], dim=1)
+    return torch.cat([p[:, : int(s.item())] for p, s in zip(parts, sizes)], dim=1).to(home)
 
 
 def logger_step(trainer: pl.Trainer) -> int:

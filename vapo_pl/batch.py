@@ -45,13 +45,17 @@ class RolloutBatch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> RolloutBatch:
+        """The batch on ``device``. Copies to an accelerator are asynchronous (ordered on the current stream before
+        any kernel that reads them); copies to the CPU are not: an asynchronous device-to-host copy returns before
+        the data is there, and the replay pools and metrics read these tensors at once."""
+        non_blocking = torch.device(device).type != "cpu"
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                moved[f.name] = v.to(device, non_blocking=True)
+                moved[f.name] = v.to(device, non_blocking=non_blocking)
             elif f.name == "reward_terms":
-                moved[f.name] = {k: t.to(device, non_blocking=True) for k, t in v.items()}
+                moved[f.name] = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
         return replace(self, **moved)
 
     def select(self, index: Tensor) -> RolloutBatch:

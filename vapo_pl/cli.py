@@ -219,8 +219,29 @@ def validate_run_config(cfg, training: bool = True) -> None:
         raise ConfigError(f"model.algorithm.ptx_coef={algo.ptx_coef} needs PPO-ptx data: set data.ptx_files")
     prompts = int(_get(data, "prompts_per_step", 8))
     samples = int(_get(data, "samples_per_prompt", 4))
-    _check_batch(algo, prompts, samples, _world_size(_get(cfg, "trainer")))
+    world = _world_size(_get(cfg, "trainer"))
+    _check_batch(algo, prompts, samples, world)
+    _check_parallel(cfg, data, world)
     _check_callbacks(cfg, algo, data)
+
+
+def _check_parallel(cfg, data, world: int) -> None:
+    """Precision and tensor-parallel settings that would fail only once models and engines are up."""
+    precision = str(_get(cfg, "trainer.precision", "") or "")
+    if precision in ("16", "16-mixed"):
+        raise ConfigError(f"trainer.precision={precision}: fp16 loss scaling is not supported (the module clips each "
+                          "model's gradients before the optimizer step, where a GradScaler would still have them "
+                          "scaled); use bf16-mixed or 32")
+    tp = int(_get(data, "engine.tensor_parallel_size", 1) or 1)
+    kind = _get(data, "engine.kind", "vllm")
+    if tp > 1 and kind == "vllm" and world:
+        if world == 1:
+            raise ConfigError(f"data.engine.tensor_parallel_size={tp} needs {tp} trainer processes (one per GPU: "
+                              f"--trainer.devices {tp}); in one process vLLM would start its own workers, which "
+                              "cannot receive the trainer's weights")
+        if world % tp:
+            raise ConfigError(f"data.engine.tensor_parallel_size={tp} does not divide the {world} ranks "
+                              "(trainer.devices x trainer.num_nodes)")
 
 
 def _probe_writable(field: str, path: str | os.PathLike) -> None:

@@ -57,23 +57,41 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device(group=None) -> torch.device:
+    """The device a tensor must be on for a collective on ``group`` (default: the world): the CPU when the
+    backend is gloo (or a mixed backend that includes it, ``"cpu:gloo,cuda:nccl"``), otherwise the current
+    accelerator (NCCL serves CUDA tensors only: a CPU tensor fails with "No backend type associated with device
+    type cpu")."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None:
+        raise RuntimeError(f"the process group's backend {backend!r} needs an accelerator, and none is available")
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
 def sum_across_ranks(x):
-    """``x`` summed over all ranks (a copy; ``x`` itself is untouched); ``x`` on one process."""
+    """``x`` summed over all ranks (a copy on ``x``'s device; ``x`` itself is untouched); ``x`` on one process.
+    The reduction runs on the device the process group's backend serves (``collective_device``)."""
     import torch.distributed as dist
 
     if world()[1] > 1:
-        x = x.clone()
-        dist.all_reduce(x)
+        device = collective_device()
+        y = x.to(device, copy=True)
+        dist.all_reduce(y)
+        return y.to(x.device)
     return x
 
 
 def max_across_ranks(x: int) -> int:
     """The largest ``x`` over all ranks."""
-    import torch
     import torch.distributed as dist
 
     if world()[1] > 1:
-        t = torch.tensor([x], dtype=torch.long)
+        t = torch.tensor([x], dtype=torch.long, device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
     return x

@@ -81,6 +81,29 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _drop_reference_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for k in [k for k in state_dict if k.startswith(prefix + "ref_model.")]:
+        del state_dict[k]
+
+
+def _reference_keys_not_required(module: nn.Module, incompatible_keys: Any) -> None:
+    """A strict load does not ask for the reference model's weights (no checkpoint holds them) and accepts them
+    where an older checkpoint does."""
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k for k in keys if not k.startswith("ref_model.") and ".ref_model." not in k]
+
+
 class VAPOModule(pl.LightningModule):
     """Owns the models and the optimisation of one RL run.
 
@@ -174,6 +197,10 @@ class VAPOModule(pl.LightningModule):
         self.policy_version = 0  # weight syncs sent to the engine; rollouts must carry this version
         self.temperature = 1.0  # set from the DataModule: training log-probs use the sampler's temperature
         self.max_response_length: int | None = None  # set from the DataModule: Dr.GRPO's constant divisor
+        # The reference model is frozen and rebuilt from model_path: it is no part of any checkpoint, under every
+        # strategy (Lightning's, DeepSpeed's and FSDP2's sharded DCP save and load all go through these hooks).
+        self.register_state_dict_post_hook(_drop_reference_keys)
+        self.register_load_state_dict_post_hook(_reference_keys_not_required)
         if self.algorithm.kl_target is not None:
             self.kl_ctl = AdaptiveKLController(self.algorithm.kl_reward_coef, self.algorithm.kl_target,
                                                self.algorithm.kl_horizon)
@@ -268,6 +295,10 @@ class VAPOModule(pl.LightningModule):
         dm = self.rollout_data
         if dm is None or not hasattr(dm, "sync_weights"):
             raise RuntimeError("VAPOModule trains from a RolloutDataModule: pass datamodule=... to fit")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("trainer.precision=16-mixed: fp16 loss scaling is not supported (each model's gradients "
+                             "are clipped before the optimizer step, while a GradScaler still has them scaled); use "
+                             "bf16-mixed or 32")
         if self.algorithm.ptx_coef > 0 and not getattr(dm, "ptx_ids", None):
             raise ValueError("model.algorithm.ptx_coef > 0 needs PPO-ptx data: set data.ptx_files")
         self._connect(dm)
@@ -770,6 +801,13 @@ class VAPOModule(pl.LightningModule):
 
     def value_pretrain_step(self, batch: RolloutBatch, replay: Sequence[RolloutBatch] = (), draw: int = 0
                             ) -> dict[str, float]:
+        """One critic-only update on Monte-Carlo returns, in the trainer's precision context (it runs from a callback,
+        outside ``training_step``, which is all Lightning wraps); see ``_value_pretrain_step``."""
+        with self.trainer.precision_plugin.train_step_context():
+            return self._value_pretrain_step(batch, replay, draw)
+
+    def _value_pretrain_step(self, batch: RolloutBatch, replay: Sequence[RolloutBatch] = (), draw: int = 0
+                             ) -> dict[str, float]:
         """One critic-only update on Monte-Carlo returns; the policy and the engine stay unchanged.
 
         With ``replay`` (earlier pretraining batches of the same frozen policy, so still on-policy) the update trains
@@ -803,11 +841,12 @@ class VAPOModule(pl.LightningModule):
         self._pin_global_step()
         return {k: v for k, v in metrics.items() if not k.startswith("actor/")}
 
-    def critic_state(self) -> dict[str, Tensor]:
-        """The critic's full weights on CPU (gathered if sharded), e.g. to save a pretrained critic."""
-        from vapo_pl.parallel import full_state_items
+    def critic_state(self) -> dict[str, Tensor] | None:
+        """The critic's full weights on CPU on global rank 0 (gathered if sharded, a bucket at a time), None on the
+        other ranks, e.g. to save a pretrained critic. Every rank must call it."""
+        from vapo_pl.parallel import full_state_on_rank0
 
-        return {k: v.detach().cpu() for k, v in full_state_items(self.critic, self.trainer.strategy)}
+        return full_state_on_rank0(self.critic, self.trainer.strategy)
 
     def load_critic_state(self, state: dict[str, Tensor]) -> None:
         from vapo_pl.parallel import load_full_state
@@ -815,12 +854,6 @@ class VAPOModule(pl.LightningModule):
         load_full_state(self.critic, state, self.trainer.strategy)
 
     # ------------------------------------------------------------------ weight sync and step counting
-    def actor_state_items(self):
-        """(name, tensor) pairs of the full actor weights, gathered if the strategy shards them."""
-        from vapo_pl.parallel import full_state_items
-
-        return full_state_items(self.actor, self.trainer.strategy)
-
     def sync_weights(self, bump: bool = True) -> None:
         """Stream the actor to the engine, never the whole model at once: sharded weights (FSDP2/ZeRO-3) gathered
         and cast to the engine's dtype one bucket at a time (``data.engine.weight_sync_bucket_mb``), weights held
@@ -912,16 +945,11 @@ class VAPOModule(pl.LightningModule):
             "skipped_steps": self.skipped_steps,
             "skipped_in_a_row": self.skipped_in_a_row,
             "kl_coef": self.kl_ctl.value,
-            # plain dicts of tensors and primitives: checkpoints load with torch.load(weights_only=True)
-            "critic_replay": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.critic_replay],
             # which log directory (TensorBoard version) this run writes, so a resume continues it
             "log_versions": [getattr(lg, "version", None) for lg in self.trainer.loggers],
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            # what differs between ranks, one entry per global rank: the file is written by rank 0 alone
+            "ranks": self._gather_rank_states(),
         }
-        # The reference model is frozen and reloaded from model_path: keep it out of checkpoints.
-        for k in [k for k in checkpoint.get("state_dict", {}) if k.startswith("ref_model.")]:
-            del checkpoint["state_dict"][k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._evaluating and "state_dict" in checkpoint:  # an evaluation builds the actor alone
@@ -932,14 +960,30 @@ class VAPOModule(pl.LightningModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
         self.kl_ctl.value = state["kl_coef"]
+        ranks = state.get("ranks") or [state]  # older checkpoints kept rank 0's state alone, at the top level
+        mine = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
         self.critic_replay.clear()
-        self.critic_replay.extend(RolloutBatch(**b) for b in state.get("critic_replay", []))
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if self.ref_model is not None and "state_dict" in checkpoint:
-            checkpoint["state_dict"].update({f"ref_model.{k}": v for k, v in self.ref_model.state_dict().items()})
+        self.critic_replay.extend(RolloutBatch(**b) for b in mine.get("critic_replay", []))
+        torch.set_rng_state(mine["rng"]["torch"])
+        random.setstate(mine["rng"]["python"])
+        if mine["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["rng"]["cuda"])
+
+    def _gather_rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's critic-replay pool and RNG states, in rank order (a collective: checkpoints are dumped on
+        every rank). Plain dicts of CPU tensors and primitives: checkpoints load with ``weights_only=True``."""
+        import torch.distributed as dist
+
+        mine = {
+            "critic_replay": [{f.name: getattr(b, f.name) for f in fields(b)} for b in self.critic_replay],
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        if self._world == 1:
+            return [mine]
+        states: list[Any] = [None] * self._world
+        dist.all_gather_object(states, mine)
+        return [_to_cpu(s) for s in states]
 
     def export_actor(self, path: str) -> None:
         """Save the actor in Hugging Face format (with the tokenizer), loadable by vLLM and transformers.
@@ -947,7 +991,9 @@ class VAPOModule(pl.LightningModule):
         Every rank takes part (sharded weights are gathered); rank 0 writes into a temporary directory next to
         ``path`` and renames it into place, so ``path`` is either complete or absent, and an existing ``path`` is
         replaced."""
-        state = dict(self.actor_state_items())
+        from vapo_pl.parallel import full_state_on_rank0
+
+        state = full_state_on_rank0(self.actor, self.trainer.strategy)  # host copies on rank 0 only
         if self.global_rank == 0:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)

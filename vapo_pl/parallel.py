@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
 
@@ -40,8 +42,29 @@ def fully_shard_model(model: nn.Module, mesh) -> None:
 
 def full_state_items(model: nn.Module, strategy) -> Iterator[tuple[str, Tensor]]:
     """Full (unsharded) weights with Hugging Face names, on every rank: ``stream_state_items`` without a cast, with
-    ZeRO-3 gathering everything at once (for saving; the weight sync streams in buckets)."""
+    ZeRO-3 gathering everything at once. For checks on small models; to save, use ``full_state_on_rank0``."""
     return stream_state_items(model, strategy)
+
+
+SAVE_BUCKET_BYTES = 256 * 2**20
+
+
+def full_state_on_rank0(model: nn.Module, strategy, *, bucket_bytes: int = SAVE_BUCKET_BYTES
+                        ) -> dict[str, Tensor] | None:
+    """The full weights as CPU tensors on global rank 0 (for saving), None on the other ranks.
+
+    Every rank must call it (the gathers are collectives), but only rank 0 keeps anything, and it keeps host copies:
+    FSDP2 gathers one tensor at a time and ZeRO-3 one bucket of ``bucket_bytes`` at a time, each moved to the CPU as
+    it arrives and dropped at once on the other ranks, so no rank holds the whole model on its accelerator.
+    """
+    import torch.distributed as dist
+
+    keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    out: dict[str, Tensor] | None = {} if keep else None
+    for name, t in stream_state_items(model, strategy, bucket_bytes=bucket_bytes):
+        if out is not None:
+            out[name] = t.detach().to("cpu", copy=True)
+    return out
 
 
 def _buckets(items: list[tuple[str, Tensor]], bucket_bytes: int | None, size_of) -> Iterator[list[tuple[str, Tensor]]]:
@@ -117,14 +140,43 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
         yield name, t.detach()
 
 
-def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy) -> None:
-    """Load full (unsharded) weights into ``model``, sharded or not."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy, *,
+                    bucket_bytes: int = SAVE_BUCKET_BYTES) -> None:
+    """Load full (unsharded) weights into ``model``, sharded or not; every rank passes the same ``state``.
+
+    FSDP2: ``set_model_state_dict`` shards them. ZeRO-3: parameters are partitioned (``load_state_dict`` would see
+    empty placeholders and fail on their sizes), so they are gathered a bucket at a time, filled from ``state`` and
+    partitioned back; a key ``state`` lacks, or one ``model`` lacks, is an error as with a strict load.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
     if isinstance(strategy, ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers())
+        names = list(model.state_dict().keys())
+        missing = [n for n in names if n not in state]
+        unexpected = [n for n in state if n not in params and n not in buffers]
+        if missing or unexpected:
+            raise RuntimeError(f"load_full_state: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+        def full_bytes(p):
+            return 0 if p is None else (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+
+        entries = [(n, params.get(n)) for n in names]
+        with torch.no_grad():
+            for bucket in _buckets(entries, bucket_bytes, full_bytes):
+                group = list({id(p): p for _, p in bucket if p is not None}.values())
+                with deepspeed.zero.GatheredParameters(group, modifier_rank=0):
+                    for n, p in bucket:
+                        target = buffers[n] if p is None else p
+                        target.copy_(state[n].to(device=target.device, dtype=target.dtype))
         return
     model.load_state_dict(state)
 
@@ -145,6 +197,31 @@ def gathered_for_init(module: nn.Module):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         yield
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) over every rank: Lightning's ``ModelParallelStrategy`` with the mesh data-parallel
+    training needs whatever the device count.
+
+    Lightning's ``data_parallel_size="auto"`` means "the number of nodes" (it expects tensor parallelism inside a
+    node), so ``ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1)`` fails its
+    "dp x tp = world size" check as soon as a node has two devices. vapo-pl applies no tensor-parallel plan to the
+    trainer's models (the rollout engine has its own ``data.engine.tensor_parallel_size``), so here the
+    data-parallel dimension is always the whole world and the tensor-parallel one has size 1. Every other argument
+    is Lightning's.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout: timedelta | None = None) -> None:
+        from torch.distributed.constants import default_pg_timeout
+
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
 
 
 class _ZeRO3Config:

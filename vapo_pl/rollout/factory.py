@@ -16,7 +16,8 @@ from vapo_pl.rollout.config import ENGINE_KINDS, EngineConfig
 
 
 def build_engine(config: EngineConfig | str, model_path: str | Path, *, seed: int = 0, rank: int | None = None,
-                 shared_model: nn.Module | None = None, **overrides: Any) -> RolloutEngine:
+                 local_rank: int | None = None, shared_model: nn.Module | None = None, **overrides: Any
+                 ) -> RolloutEngine:
     """The engine ``config`` describes, for the model saved (``save_pretrained``) at ``model_path``.
 
     ``config`` may be just a kind (``"vllm"``/``"hf"``), with fields given as ``overrides``. ``shared_model``:
@@ -31,7 +32,7 @@ def build_engine(config: EngineConfig | str, model_path: str | Path, *, seed: in
     if config.kind == "vllm":
         from vapo_pl.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(path, config, seed=seed, rank=rank)
+        return VLLMEngine(path, config, seed=seed, rank=rank, local_rank=local_rank)
     from vapo_pl.rollout.hf_engine import HFEngine
 
     return HFEngine(shared_model if shared_model is not None else path, dtype=config.dtype, seed=seed, rank=rank)

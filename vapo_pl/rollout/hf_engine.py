@@ -80,6 +80,13 @@ class HFEngine(RolloutEngine):
         self._rng = random.Random(seed + rank)
         self.max_batch_size = max_batch_size
         self.version = 0
+        # A shared actor sharded by FSDP2 (DTensor parameters) or ZeRO-3 gathers its weights inside every forward,
+        # a collective: all ranks must run the same number of forwards. transformers' synced_gpus keeps decoding
+        # on a rank whose rows have finished until every rank has; ``generate`` also evens out the calls.
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.lockstep = self.shared and world > 1 and any(
+            hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or hasattr(p, "device_mesh")
+            for p in self.model.parameters())
 
         gen_cfg, cfg = self.model.generation_config, self.model.config
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else cfg.eos_token_id
@@ -100,12 +107,22 @@ class HFEngine(RolloutEngine):
         device = next(self.model.parameters()).device
         rng_devices = [device] if device.type == "cuda" else []
         completions: list[Completion] = []
+        starts = list(range(0, len(rows), step))
         with self._clean_generation_config(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(derive_seed(call_seed, self.replica))
-            for start in range(0, len(rows), step):
+            for start in starts:
                 completions += self._generate_rows(rows[start : start + step], sampling, device)
+            if self.lockstep:  # as many forwards as the rank with the most chunks, results dropped
+                for _ in range(self.max_calls_across_ranks(len(starts)) - len(starts)):
+                    self._generate_rows(rows[:1], sampling, device)
         n = sampling.n
         return [completions[i : i + n] for i in range(0, len(completions), n)]
+
+    def max_calls_across_ranks(self, calls: int) -> int:
+        """The most ``calls`` of any rank (ranks of a sharded actor must run as many forwards as each other)."""
+        from vapo_pl.common import max_across_ranks
+
+        return max_across_ranks(calls) if self.lockstep else calls
 
     def _generate_rows(
         self, rows: list[list[int]], sampling: Sampling, device: torch.device
@@ -146,6 +163,7 @@ class HFEngine(RolloutEngine):
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
+                synced_gpus=self.lockstep,
             )
         finally:
             self.model.train(was_training)

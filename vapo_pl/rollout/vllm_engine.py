@@ -125,6 +125,8 @@ class VLLMEngine(RolloutEngine):
             where vLLM 0.32 crashes when a seeded request's prefill is chunked, vLLM's default on GPU).
         seed: base seed; the engine is seeded with ``seed + replica``.
         rank: global rank; default ``torch.distributed.get_rank()`` when a process group exists, else 0.
+        local_rank: the index of the accelerator this rank trains on (the CPU: its local rank), which vLLM takes
+            for its own device; default ``LOCAL_RANK`` from the environment, else 0. See ``launch_environment``.
         **overrides: fields of ``config`` to replace (``VLLMEngine(path, dtype="float32")``).
     """
 
@@ -135,6 +137,7 @@ class VLLMEngine(RolloutEngine):
         *,
         seed: int = 0,
         rank: int | None = None,
+        local_rank: int | None = None,
         **overrides: Any,
     ) -> None:
         path = require_model_dir(model_path)
@@ -199,7 +202,8 @@ class VLLMEngine(RolloutEngine):
         # reference cycle) tears down vLLM's process-wide parallel groups when the collector gets to it; if that
         # happened after this engine set them up, its first generate call would fail. Collect it now.
         gc.collect()
-        with _preserved_global_rng():
+        env = launch_environment(rank, dist.get_world_size(), local_rank) if distributed else {}
+        with _preserved_global_rng(), _environment(env):
             self.llm = LLM(**kwargs)
         _quiet_weight_sync_logs()  # once per process: the filters stay on vLLM's module loggers
         self.weight_dtype = self.llm.llm_engine.model_config.dtype  # what "auto" resolved to
@@ -278,6 +282,37 @@ class VLLMEngine(RolloutEngine):
             return
         self.llm.wake_up(tags=["kv_cache"] if self._weights_awake else None)
         self._asleep, self._weights_awake = False, False
+
+
+def launch_environment(rank: int, world_size: int, local_rank: int | None) -> dict[str, str]:
+    """The variables vLLM's ``external_launcher`` reads while the engine is built, from the trainer's own ranks.
+
+    vLLM expects a torchrun-style environment: ``RANK`` and ``LOCAL_RANK`` (``uniproc_executor._distributed_args``),
+    and on CUDA it puts its model on ``cuda:LOCAL_RANK``. Lightning's own launcher (``--trainer.devices N``) sets no
+    ``RANK``, SLURM's ``srun`` sets neither, and with ``trainer.devices=[2, 3]`` Lightning trains local rank 0 on
+    ``cuda:2``. So the values come from the process group (``rank``) and from the device the trainer put this rank
+    on (``local_rank``: its CUDA index; on CPU its local rank), whatever launched the process. The process group
+    already exists (the trainer's), so vLLM reuses it and reads no address.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size)}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set for the block, restored after it (Lightning reads ``LOCAL_RANK`` too, and
+    must keep reading its own)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _to_completion(out: Any) -> Completion:
