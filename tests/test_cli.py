@@ -130,6 +130,9 @@ MISTAKES = {
     "callback argument": (["--trainer.callbacks+=callbacks.LengthScaling", "--trainer.callbacks.window=1"],
                           ["LengthScaling.window", ">= 2"]),
     "trainer argument": (["--trainer.devices=0"], ["Trainer(devices='0')"]),  # Lightning's own check
+    "fp16 loss scaling": (["--trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "bf16-mixed"]),
+    "tensor parallel in one process": (["--data.init_args.engine.tensor_parallel_size=2"],
+                                       ["data.engine.tensor_parallel_size=2", "--trainer.devices 2"]),
 }
 
 

@@ -26,3 +26,61 @@ def test_fp32_linear_under_autocast_and_after_deepcopy():
         twin.weight.zero_()
         twin.bias.zero_()
     assert torch.count_nonzero(twin(x)) == 0 and torch.count_nonzero(patched(x)) > 0
+
+
+def test_collective_device_is_the_one_the_backend_serves(monkeypatch):
+    """NCCL serves CUDA tensors only: the collective helpers must put their tensors on the current accelerator under
+    it (a CPU tensor there fails with "No backend type associated with device type cpu"), and on the CPU under gloo
+    or a mixed "cpu:gloo,cuda:nccl" group. No NCCL here: the backend name and the accelerator are stood in for."""
+    import torch.distributed as dist
+
+    from vapo_pl import common
+
+    class Accelerator:
+        type = "cuda"
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: Accelerator())
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 3)
+    for backend, expected in (("nccl", torch.device("cuda", 3)), ("gloo", torch.device("cpu")),
+                              ("cpu:gloo,cuda:nccl", torch.device("cpu"))):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert common.collective_device() == expected, backend
+
+
+def test_helpers_reduce_on_the_collective_device(monkeypatch):
+    """``sum_across_ranks``/``max_across_ranks`` hand the collective a tensor on ``collective_device()`` and give the
+    caller its own device back. The 2-rank group is stood in for (the real one runs in ``tests/launch``)."""
+    import torch.distributed as dist
+
+    from vapo_pl import common
+
+    seen = []
+
+    def all_reduce(t, op=None, group=None):
+        seen.append(t.device)
+        t.mul_(2)
+
+    monkeypatch.setattr(common, "world", lambda: (0, 2))
+    monkeypatch.setattr(common, "collective_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    x = torch.ones(3)
+    monkeypatch.setattr(torch.Tensor, "to", _to_meta_and_back(torch.Tensor.to))
+    common.sum_across_ranks(x)
+    assert seen == [torch.device("meta")]
+    try:
+        common.max_across_ranks(4)
+    except (NotImplementedError, RuntimeError):
+        pass  # .item() on a meta tensor: the device it was built on is what is checked
+    assert seen == [torch.device("meta")] * 2
+
+
+def _to_meta_and_back(original):
+    """``Tensor.to`` that lets a meta tensor come back to the CPU as zeros (a meta tensor holds no data)."""
+
+    def to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if self.device.type == "meta" and target is not None and torch.device(target).type == "cpu":
+            return torch.zeros(self.shape, dtype=self.dtype)
+        return original(self, *args, **kwargs)
+
+    return to

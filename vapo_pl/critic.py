@@ -117,7 +117,9 @@ class ValueModel(nn.Module):
             if logprob_features is None:
                 raise ValueError("this critic has a log-prob head (model.critic_logprob_features): pass the features")
             values = values + self.logprob_head(logprob_features.float()).squeeze(-1)
-        return values
+        # Not a view of the head's output: FSDP2 hooks a sharded module's output for its backward, and an in-place op
+        # by a caller on a view would skip that hook (FSDP2 warns about it at every forward).
+        return values.clone() if values._is_view() else values
 
     def gradient_checkpointing_enable(self) -> None:
         self.backbone.gradient_checkpointing_enable()

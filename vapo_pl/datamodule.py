@@ -175,6 +175,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self._asleep = False  # whether this DataModule put the engine to sleep (and has not woken it since)
         self.weight_version = 0  # the version of the weights the engine holds (set by sync_weights)
         self._pending_weights: Callable[[], None] | None = None  # see expect_weights
+        self._weight_source: Callable[[], None] | None = None  # the same pull, kept for engines that lose weights
         self._shared_actor = None
         self._module = None  # the LightningModule, for its build_prompt / compute_reward hooks
         self.train_records: list[PromptRecord] = []
@@ -417,6 +418,7 @@ class RolloutDataModule(pl.LightningDataModule):
         fit start, so a callback that generates in ``on_train_start`` (value pretraining, an evaluation at
         start) sees the restored weights after a resume, whatever order Lightning runs the hooks in."""
         self._pending_weights = pull
+        self._weight_source = pull
 
     def ensure_weights(self) -> None:
         """Run the pull registered by ``expect_weights`` if no weights arrived since."""
@@ -427,6 +429,11 @@ class RolloutDataModule(pl.LightningDataModule):
     def _awake_engine(self) -> RolloutEngine:
         self.ensure_weights()
         engine = self.engine
+        if getattr(engine, "weights_lost", False):  # a level-2 sleep discarded them (e.g. after an evaluation): send them again
+            if self._weight_source is None:
+                raise RuntimeError("the engine's weights were released by a level-2 sleep and no weight source is "
+                                   "registered (expect_weights)")
+            self._weight_source()
         if self._asleep:
             engine.wake_up()
             self._asleep = False
@@ -566,17 +573,21 @@ class RolloutDataModule(pl.LightningDataModule):
         training batches). The engine sleeps again when the iteration ends or is abandoned."""
         try:
             starts = list(range(0, len(indices), prompts_per_call))
-            for start in starts:
-                idx = indices[start : start + prompts_per_call]
+            # A sharded hf actor gathers weights in every forward: every rank makes as many generate calls as the
+            # rank with the most (agreed before the first call, itself a collective); the extra ones are dropped.
+            lockstep = getattr(self.engine, "max_calls_across_ranks", None)
+            calls = lockstep(len(starts)) if lockstep is not None else len(starts)
+            for i in range(calls):
+                if i >= len(starts):
+                    self._awake_engine()
+                    with self._precision_context():
+                        self.engine.generate([self.val_prompt_ids[0]], sampling(0))
+                    continue
+                idx = indices[starts[i] : starts[i] + prompts_per_call]
                 batch = self._generate(idx, sampling(idx[0]), self.val_records, self.val_prompt_ids,
                                        greedy_baseline=False)
                 if batch is not None:
                     yield batch
-            lockstep = getattr(self.engine, "max_calls_across_ranks", None)
-            if lockstep is not None and self.val_prompt_ids:  # a sharded hf actor: every rank runs as many calls
-                for _ in range(lockstep(len(starts)) - len(starts)):
-                    with self._precision_context():
-                        self.engine.generate([self.val_prompt_ids[0]], sampling(0))
         finally:
             self._sleep_engine()
 

@@ -113,3 +113,53 @@ def test_the_fake_catches_a_generate_on_a_sleeping_engine(tiny_model_dir):
     engine.update_weights(engine.inner.model.state_dict().items())  # weights only: the KV cache still sleeps
     with pytest.raises(GenerateWhileAsleep):
         engine.generate([[1, 2, 3]], Sampling(n=1, temperature=0.0, max_tokens=2))
+
+
+class LosesWeightsEngine(RecordingEngine):
+    """vLLM's sleep level 2 (``engine.sleep_level: 2``, the default): a sleep discards the weights, and a generate
+    call before new weights arrive would run on garbage. The fake raises then instead."""
+
+    def sleep(self) -> None:
+        super().sleep()
+        self.weights_lost = True
+
+    def update_weights(self, weights: Iterable) -> None:
+        super().update_weights(weights)
+        self.weights_lost = False
+
+    def generate(self, prompt_token_ids, sampling):
+        if self.weights_lost:
+            raise GenerateWhileAsleep(f"generate after the weights were discarded; events: {self.events[-6:]}")
+        return super().generate(prompt_token_ids, sampling)
+
+
+def test_level_two_sleep_gets_the_weights_back_before_every_generate(make_run, tiny_model_dir, val_file):
+    """Value pretraining, RL steps and evaluations each sleep the engine; after a level-2 sleep the DataModule
+    sends the actor's weights again (the current version) before the next generate call."""
+    module, dm, tr = make_run(algorithm={"estimator": "gae"}, data={"val_files": val_file},
+                              trainer={"callbacks": [ValuePretraining(steps=2),
+                                                     Evaluation(every_n_steps=1, samples_per_prompt=2)]})
+    engine = LosesWeightsEngine(str(tiny_model_dir))
+    dm.attach_engine(engine)
+    tr.fit(module, datamodule=dm)
+    ev = engine.events
+    assert module.rl_step == 2 and "generate:asleep" not in ev
+    # every generate that follows a sleep has an update between them
+    last_sleep = None
+    for i, e in enumerate(ev):
+        if e == "sleep":
+            last_sleep = i
+        elif e.startswith("generate") and last_sleep is not None:
+            assert "update" in ev[last_sleep:i], ev[last_sleep: i + 1]
+            last_sleep = None
+    assert dm.weight_version == module.policy_version == 2  # the re-sends keep the version
+
+
+def test_the_level_two_fake_fails_without_a_resend(tiny_model_dir):
+    from vapo_pl.rollout.base import Sampling
+
+    engine = LosesWeightsEngine(str(tiny_model_dir))
+    engine.sleep()
+    engine.wake_up()
+    with pytest.raises(GenerateWhileAsleep):
+        engine.generate([[1, 2, 3]], Sampling(n=1, temperature=0.0, max_tokens=2))

@@ -57,6 +57,9 @@ class RolloutEngine(ABC):
 
     version: int = 0
     weight_dtype = None  # torch dtype the engine holds its weights in (gathered weights are cast to it); None = as given
+    # True after a sleep that discarded the weights (vLLM sleep level 2): the owner must send weights before the
+    # next generate call (the DataModule does)
+    weights_lost: bool = False
 
     @abstractmethod
     def generate(self, prompt_token_ids: list[list[int]], sampling: Sampling) -> list[list[Completion]]:

@@ -24,6 +24,7 @@ class EngineConfig:
     kv_cache_space_gb: int = 1  # CPU backend: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     tensor_parallel_size: int = 1
     enable_sleep_mode: bool = True  # GPU only: free vLLM's memory while the trainer updates
+    sleep_level: int = 2  # 2: drop the weights while asleep (the next sync reloads them); 1: offload them to host
     enforce_eager: bool | None = None  # skip torch.compile/CUDA graphs; None: eager on CPU (saves ~40 s of start-up)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool | None = None  # None: off on CPU (vLLM 0.32 CPU bug with seeded requests), on on GPU
@@ -40,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_space_gb < 1 or int(self.kv_cache_space_gb) != self.kv_cache_space_gb:
             raise ValueError(f"engine.kv_cache_space_gb must be a whole number >= 1, got {self.kv_cache_space_gb}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"engine.sleep_level must be 1 or 2, got {self.sleep_level!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not self.weight_sync_bucket_mb > 0:

@@ -108,12 +108,13 @@ class HFEngine(RolloutEngine):
         rng_devices = [device] if device.type == "cuda" else []
         completions: list[Completion] = []
         starts = list(range(0, len(rows), step))
+        calls = self.max_calls_across_ranks(len(starts))  # before any forward: it is a collective too
         with self._clean_generation_config(), torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(derive_seed(call_seed, self.replica))
-            for start in starts:
-                completions += self._generate_rows(rows[start : start + step], sampling, device)
-            if self.lockstep:  # as many forwards as the rank with the most chunks, results dropped
-                for _ in range(self.max_calls_across_ranks(len(starts)) - len(starts)):
+            for i in range(calls):
+                if i < len(starts):
+                    completions += self._generate_rows(rows[starts[i] : starts[i] + step], sampling, device)
+                else:  # as many chunks as the rank with the most, results dropped
                     self._generate_rows(rows[:1], sampling, device)
         n = sampling.n
         return [completions[i : i + n] for i in range(0, len(completions), n)]

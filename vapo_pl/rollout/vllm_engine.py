@@ -119,7 +119,8 @@ class VLLMEngine(RolloutEngine):
             (prompt + response limit; ``None`` = the model's ``max_position_embeddings``);
             ``gpu_memory_utilization`` (CUDA only); ``kv_cache_space_gb`` (CPU KV cache, whole GiB; sets
             ``VLLM_CPU_KVCACHE_SPACE`` unless the environment already does); ``tensor_parallel_size``;
-            ``enable_sleep_mode`` (CUDA only; ``sleep``/``wake_up`` are no-ops on CPU); ``enforce_eager``
+            ``enable_sleep_mode`` (CUDA only; ``sleep``/``wake_up`` are no-ops on CPU); ``sleep_level`` (1 or 2);
+            ``enforce_eager``
             (skip CUDA graphs / ``torch.compile``; ``None`` = eager on CPU, where the compiled start took
             45-90 s here); ``enable_prefix_caching``; ``enable_chunked_prefill`` (``None`` = off on CPU,
             where vLLM 0.32 crashes when a seeded request's prefill is chunked, vLLM's default on GPU).
@@ -265,16 +266,22 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": tensors(), "is_checkpoint_format": True}
         )
+        self.weights_lost = False
         if not self._asleep:  # sleeping already cleared the prefix cache
             self.llm.reset_prefix_cache()
         self.version += 1
 
     def sleep(self) -> None:
-        """Level-1 sleep (weights offloaded to host memory, KV cache discarded); a no-op on CPU."""
+        """Release the engine's GPU memory until ``wake_up``; a no-op on CPU. Level 2 (``engine.sleep_level``, the
+        default) discards the weights as well as the KV cache: every sync sends all weights anyway, so level 1's copy
+        of every weight to pinned host memory and back each step would only be overwritten; ``weights_lost`` then
+        tells the owner to sync before the next generate call."""
         if not self.sleep_enabled or self._asleep:
             return
-        self.llm.sleep(level=1)
+        level = self.config.sleep_level
+        self.llm.sleep(level=level)
         self._asleep, self._weights_awake = True, False
+        self.weights_lost = level == 2
 
     def wake_up(self) -> None:
         """Bring back what ``sleep`` released; a no-op on CPU."""
