@@ -236,7 +236,7 @@ ABLATIONS = {
     "wo_value_pretraining": {},  # the callback list, checked in the test
 }
 STRATEGIES = {"ddp": "lightning.pytorch.strategies.DDPStrategy",
-              "fsdp2": "lightning.pytorch.strategies.ModelParallelStrategy",
+              "fsdp2": "vapo_pl.parallel.FSDP2Strategy",
               "deepspeed_zero2": "vapo_pl.parallel.HFDeepSpeedStrategy",
               "deepspeed_zero3": "vapo_pl.parallel.HFDeepSpeedStrategy"}
 

@@ -133,8 +133,9 @@ def test_copies_to_the_cpu_are_blocking(monkeypatch):
 def test_value_pretraining_and_hf_evaluation_run_in_the_precision_context(make_run, tiny_model_dir, tmp_path):
     """Under ``bf16-mixed`` every critic forward (value pretraining's included) and every actor forward (the ``hf``
     engine's evaluation generate included) runs under autocast, not only those inside ``training_step``."""
-    from vapo_pl import VAPOModule
     from vapo_pl.callbacks import Evaluation, ValuePretraining
+
+    from vapo_pl import VAPOModule
 
     seen: list[tuple[str, bool]] = []
 

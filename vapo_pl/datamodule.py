@@ -429,7 +429,7 @@ class RolloutDataModule(pl.LightningDataModule):
     def _awake_engine(self) -> RolloutEngine:
         self.ensure_weights()
         engine = self.engine
-        if getattr(engine, "weights_lost", False):  # a level-2 sleep discarded them (e.g. after an evaluation): send them again
+        if getattr(engine, "weights_lost", False):  # a level-2 sleep discarded them (after an evaluation, say)
             if self._weight_source is None:
                 raise RuntimeError("the engine's weights were released by a level-2 sleep and no weight source is "
                                    "registered (expect_weights)")
@@ -569,8 +569,8 @@ class RolloutDataModule(pl.LightningDataModule):
                  ) -> Iterator[RolloutBatch]:
         """Scored rollouts of the held-out prompts ``indices``, ``prompts_per_call`` at a time; ``sampling(first)``
         gives the sampling of the call starting at held-out prompt ``first``. ``indices`` must be the same on every
-        rank of a tensor-parallel group (``deal``); each rank gets its share of every call's prompts. No greedy baselines (those are for
-        training batches). The engine sleeps again when the iteration ends or is abandoned."""
+        rank of a tensor-parallel group (``deal``); each rank gets its share of every call's prompts. No greedy
+        baselines (those are for training batches). The engine sleeps again when the iteration ends or is abandoned."""
         try:
             starts = list(range(0, len(indices), prompts_per_call))
             # A sharded hf actor gathers weights in every forward: every rank makes as many generate calls as the

@@ -11,7 +11,6 @@ NCCL it catches any CPU tensor handed to a collective (the defect this guards ag
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import traceback
@@ -21,6 +20,8 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from tests.distributed.worker import digest  # SHA-1 over (name, bytes): equal only for bit-identical weights
 
 VIOLATIONS: list[dict] = []
 CALLS: dict[str, int] = {}
@@ -85,14 +86,6 @@ def install_collective_check() -> None:
 install_collective_check()
 
 
-def digest(items) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(items, key=lambda kv: kv[0]):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
-
-
 class LaunchProbe(pl.Callback):
     """Records, on every rank, its ranks as the trainer sees them, the full actor and critic weights' digests after
     value pretraining and after every RL step, and the collective-device check; writes ``rank<r>.json`` into
@@ -141,6 +134,7 @@ class LaunchProbe(pl.Callback):
             "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "SLURM_PROCID")},
             "engine": type(dm._engine).__name__ if dm._engine is not None else None,
             "tensor_parallel_size": dm.tensor_parallel_size,
+            "holds_full_actor": final is not None,  # full_state_on_rank0 keeps the gathered weights on rank 0 only
             "start": self.start, "steps": self.steps, "prompts": self.prompts,
             "collectives": dict(CALLS), "violations": VIOLATIONS,
         }

@@ -275,6 +275,7 @@ def test_readme_command_under_lightnings_launcher(launches, strategy):
     digests = [ranks[0]["start"]["actor"]] + [s["actor"] for s in ranks[0]["steps"]]
     assert len(set(digests)) == STEPS + 1
     assert [s["policy_version"] for s in ranks[0]["steps"]] == [1, 2, 3]
+    assert [r["holds_full_actor"] for r in ranks] == [True, False]  # saving gathers to rank 0 alone
     _assert_collectives_on_served_devices(ranks)
 
 

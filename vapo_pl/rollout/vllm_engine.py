@@ -302,7 +302,7 @@ def launch_environment(rank: int, world_size: int, local_rank: int | None) -> di
     already exists (the trainer's), so vLLM reuses it and reads no address.
     """
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world_size)}
 
 
