@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from vapo_pl.datamodule import RolloutDataModule, _informative_groups
+from vapo_pl.datamodule import RolloutDataModule
+from vapo_pl.rollout.single_turn import informative_groups as _informative_groups
 from vapo_pl.rewards.base import RewardTerm
 from vapo_pl.rollout.config import EngineConfig
 

@@ -46,7 +46,6 @@ def prompt_file(tmp_path):
 
 def _rank_dm(monkeypatch, prompt_file, tiny_model_dir, rank: int, world: int, tp: int) -> RolloutDataModule:
     monkeypatch.setattr(dm_module, "world", lambda: (rank, world))
-    monkeypatch.setattr(dm_module, "max_across_ranks", lambda x: x)
     dm = RolloutDataModule(train_files=prompt_file, val_files=prompt_file, model_path=str(tiny_model_dir),
                            max_prompt_length=32, max_response_length=4, prompts_per_step=8, samples_per_prompt=2,
                            engine=EngineConfig(kind="vllm", tensor_parallel_size=tp),
@@ -168,6 +167,7 @@ def test_resume_restores_each_ranks_own_state(make_run, monkeypatch):
 
     module, _, _ = make_run()
     monkeypatch.setattr(type(module), "_world", property(lambda self: 2))
+    from vapo_pl import run_state
     other = torch.get_rng_state().clone()
     other[0] ^= 0xFF
 
@@ -176,7 +176,7 @@ def test_resume_restores_each_ranks_own_state(make_run, monkeypatch):
         out[1] = {"critic_replay": [], "rng": {"torch": other, "python": obj["rng"]["python"], "cuda": None}}
 
     monkeypatch.setattr(dist, "all_gather_object", gather)
-    states = module._gather_rank_states()
+    states = run_state.gather_rank_states(module)
     assert len(states) == 2 and torch.equal(states[1]["rng"]["torch"], other)
     checkpoint = {"vapo": {"rl_step": 3, "policy_version": 3, "kl_coef": 0.0, "ranks": states}}
     monkeypatch.setattr(type(module), "global_rank", property(lambda self: 1))

@@ -3,6 +3,9 @@ float32 linear layer for mixed precision."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,3 +134,12 @@ def publish_metrics(trainer, metrics: dict[str, float], step: int) -> None:
             logger.log_metrics(metrics, step=step)
     trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
 
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Set ``timings[name]`` to the block's wall-clock seconds."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - t

@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, IterableDataset
 
 from vapo_pl.batch import RolloutBatch
-from vapo_pl.common import derive_seed, max_across_ranks, require_model_dir, world
+from vapo_pl.common import derive_seed, require_model_dir, world
 from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
-from vapo_pl.rewards.base import CompositeReward, RewardInput, RewardTerm, complete_reward
-from vapo_pl.rollout.base import Completion, RolloutEngine, Sampling
+from vapo_pl.ptx import load_ptx, next_ptx_batch
+from vapo_pl.rewards.base import CompositeReward, RewardTerm
+from vapo_pl.rollout.base import RolloutEngine, Sampling
 from vapo_pl.rollout.config import EngineConfig
+from vapo_pl.rollout.single_turn import SingleTurnRollout, concat_groups
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +186,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.epoch = 0
         self.cursor = 0
         self.batches_served = 0
+        self.rollout = SingleTurnRollout(self)  # generation, scoring and dynamic-sampling rounds
 
     # ----------------------------------------------------------------- wiring
     def connect(self, module: pl.LightningModule, actor: torch.nn.Module | None = None) -> None:
@@ -300,56 +300,11 @@ class RolloutDataModule(pl.LightningDataModule):
             self._setup_ptx()
 
     def _setup_ptx(self) -> None:
-        """Tokenise the PPO-ptx rows: ``text`` rows train on every token, ``prompt`` + ``response`` rows on the
-        response (its prompt rendered like a rollout's), each ending with EOS, cut to ``ptx_max_length``."""
-        from vapo_pl.prompts import DataError, _read_rows
-
-        tok = self.load_tokenizer()
-        eos = tok.eos_token_id
-        for p in [self.ptx_files] if isinstance(self.ptx_files, str) else self.ptx_files:
-            if not Path(p).exists():
-                raise DataError(f"data.ptx_files: {p} does not exist")
-            for loc, row in _read_rows(Path(p)):
-                if isinstance(row.get("text"), str) and row["text"].strip():
-                    head, body = [], tok(row["text"], add_special_tokens=False)["input_ids"]
-                elif isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-                    rendered = render_prompt(tok, row["prompt"], self.template)
-                    head = tok(rendered, add_special_tokens=self.template != "chat")["input_ids"]
-                    body = tok(row["response"], add_special_tokens=False)["input_ids"]
-                else:
-                    raise DataError(f"{loc}: a PPO-ptx row needs a non-empty 'text', or 'prompt' and 'response'")
-                ids = (head + body + ([eos] if eos is not None else []))[: self.ptx_max_length]
-                if len(ids) - max(len(head), 1) < 1:
-                    continue  # nothing left to train on after the cut
-                self.ptx_ids.append(ids)
-                self.ptx_loss_start.append(max(len(head), 1))
-        if len(self.ptx_ids) < self.ptx_batch_size:
-            raise DataError(f"data.ptx_files: {len(self.ptx_ids)} usable sequences, fewer than "
-                            f"data.ptx_batch_size={self.ptx_batch_size}")
+        self.ptx_ids, self.ptx_loss_start = load_ptx(self)
 
     def next_ptx_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """This rank's share of the next PPO-ptx batch: right-padded ``(ids, attention_mask, loss_mask)``, where
-        ``loss_mask[:, t]`` marks the tokens whose log-prob is trained (predicted from position ``t - 1``). The
-        order is a seeded permutation per pass over the data; the position is checkpointed."""
-        if not self.ptx_ids:
-            return None
-        world = self.world_size
-        if self.ptx_batch_size % world:
-            raise ValueError(f"data.ptx_batch_size={self.ptx_batch_size} is not divisible by the {world} ranks")
-        per_pass = len(self.ptx_ids) - len(self.ptx_ids) % self.ptx_batch_size
-        if self.ptx_cursor + self.ptx_batch_size > per_pass:
-            self.ptx_epoch, self.ptx_cursor = self.ptx_epoch + 1, 0
-        g = torch.Generator().manual_seed(derive_seed(self.seed, 0x9771, self.ptx_epoch))
-        order = torch.randperm(len(self.ptx_ids), generator=g).tolist()
-        chosen = order[self.ptx_cursor : self.ptx_cursor + self.ptx_batch_size][self.rank :: world]
-        self.ptx_cursor += self.ptx_batch_size
-        seqs = [torch.tensor(self.ptx_ids[i]) for i in chosen]
-        ids = pad_sequence(seqs, batch_first=True, padding_value=self._pad_id())
-        lengths = torch.tensor([len(s) for s in seqs])
-        cols = torch.arange(ids.shape[1])[None, :]
-        attention = (cols < lengths[:, None]).long()
-        loss_mask = (cols >= torch.tensor([self.ptx_loss_start[i] for i in chosen])[:, None]) & attention.bool()
-        return ids, attention, loss_mask
+        """This rank's share of the next PPO-ptx batch (``vapo_pl.ptx.next_ptx_batch``); its position is checkpointed."""
+        return next_ptx_batch(self)
 
     def _setup_val(self) -> None:
         val = load_prompts(self.val_files, self.val_prompt_key, self.val_answer_key, self.val_answer_after)
@@ -512,58 +467,16 @@ class RolloutDataModule(pl.LightningDataModule):
                         max_tokens=self.max_response_length, seed=seed)
 
     def next_batch(self) -> RolloutBatch | None:
-        """Generate, score and (optionally) filter one step's rollouts with the engine's current weights."""
-        need = self.prompts_per_rank  # what this rank keeps; its replica generates need * tp prompts per round
-        replica, _, _, tp = self.replica_layout()
-        step_seed = derive_seed(self.seed, replica, self.epoch, self.batches_served)
-        t0 = time.perf_counter()
-        kept: list[RolloutBatch] = []
-        spare: list[RolloutBatch] = []  # filtered-out groups, used to fill the batch if rounds run out
-        round_stats: list[dict[str, float]] = []  # one per generation round (kept and spare share a round's)
-        n_kept = n_seen = rounds = 0
-        while True:
-            idx = self._take_prompts(need * tp)
-            if idx is None:
-                if rounds == 0:
-                    return None
-                break
-            rounds += 1
-            batch = self._generate(idx, self.training_sampling(derive_seed(step_seed, rounds)),
-                                   self.train_records, self.train_prompt_ids, greedy_baseline=self.greedy_baseline)
-            n_seen += need
-            round_stats.append(batch.stats)
-            if not self.dynamic_sampling:
-                kept.append(batch)
-                n_kept = need
-            else:
-                informative = _informative_groups(batch.scores, batch.group_index, need)
-                keep_rows = informative[batch.group_index]
-                kept.append(batch.select(keep_rows.nonzero().squeeze(1)))
-                spare.append(batch.select((~keep_rows).nonzero().squeeze(1)))
-                n_kept += int(informative.sum())
-            # every rank runs the same number of rounds so engines and collectives stay in lockstep
-            more = int(n_kept < need and rounds < self.max_sampling_rounds)
-            if not max_across_ranks(more):
-                break
-        self._sleep_engine()  # GPU: the trainer gets the engine's memory until the next generate call
-        out = _concat_groups(kept + spare, need, self._pad_id())
-        out.stats = _merge_stats(round_stats)
-        out.stats["perf/generate_tokens_per_s"] = out.stats["rollout/generated_tokens"] / max(
-            out.stats["perf/generate_s"], 1e-9)
-        out.stats.update({
-            "rollout/sampling_rounds": float(rounds),
-            "rollout/dropped_long_prompts": float(self.dropped_prompts),
-            "perf/rollout_s": time.perf_counter() - t0,
-        })
-        if self.dynamic_sampling:
-            out.stats["rollout/dynamic_sampling_kept_share"] = n_kept / max(n_seen, 1)
-            out.stats["rollout/dynamic_sampling_filled"] = float(max(need - n_kept, 0))
-        self.batches_served += 1
+        """Generate, score and (optionally) filter one step's rollouts with the engine's current weights; None when
+        this rank's shard of the epoch is used up."""
+        out = self.rollout.step()
+        if out is not None:
+            self.batches_served += 1
         return out
 
     def concat(self, batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """One batch of all rows of ``batches`` (re-padded to the widest prompt and response; groups renumbered)."""
-        return _concat_groups(list(batches), sum(len(b) for b in batches), self._pad_id())
+        return concat_groups(list(batches), sum(len(b) for b in batches), self._pad_id())
 
     def evaluate(self, indices: list[int], sampling: Callable[[int], Sampling], prompts_per_call: int
                  ) -> Iterator[RolloutBatch]:
@@ -571,182 +484,19 @@ class RolloutDataModule(pl.LightningDataModule):
         gives the sampling of the call starting at held-out prompt ``first``. ``indices`` must be the same on every
         rank of a tensor-parallel group (``deal``); each rank gets its share of every call's prompts. No greedy
         baselines (those are for training batches). The engine sleeps again when the iteration ends or is abandoned."""
-        try:
-            starts = list(range(0, len(indices), prompts_per_call))
-            # A sharded hf actor gathers weights in every forward: every rank makes as many generate calls as the
-            # rank with the most (agreed before the first call, itself a collective); the extra ones are dropped.
-            lockstep = getattr(self.engine, "max_calls_across_ranks", None)
-            calls = lockstep(len(starts)) if lockstep is not None else len(starts)
-            for i in range(calls):
-                if i >= len(starts):
-                    self._awake_engine()
-                    with self._precision_context():
-                        self.engine.generate([self.val_prompt_ids[0]], sampling(0))
-                    continue
-                idx = indices[starts[i] : starts[i] + prompts_per_call]
-                batch = self._generate(idx, sampling(idx[0]), self.val_records, self.val_prompt_ids,
-                                       greedy_baseline=False)
-                if batch is not None:
-                    yield batch
-        finally:
-            self._sleep_engine()
+        return self.rollout.evaluate(indices, sampling, prompts_per_call)
 
     def _generate(self, idx: list[int], sampling: Sampling, records: list[PromptRecord],
                   prompt_ids: list[list[int]], greedy_baseline: bool) -> RolloutBatch | None:
-        """Rollouts for prompts ``idx`` of ``records``: generate (the whole tensor-parallel group submits ``idx``),
-        keep this rank's share, decode, score, pad."""
-        engine = self._awake_engine()
-        version = self.weight_version
-        mine = self.share(len(idx))
-        t0 = time.perf_counter()
-        with self._precision_context():
-            outs = engine.generate([prompt_ids[i] for i in idx], sampling)[mine]
-        t_gen = time.perf_counter() - t0
-        if not outs:  # a tensor-parallel rank whose share of a short evaluation call is empty
-            return None
-        baseline = None
-        if greedy_baseline:
-            greedy = Sampling(n=1, temperature=0.0, max_tokens=sampling.max_tokens)
-            with self._precision_context():
-                g_outs = engine.generate([prompt_ids[i] for i in idx], greedy)[mine]
-            g_batch = self._score(idx[mine], g_outs, records, prompt_ids, version)
-            baseline = g_batch.scores.repeat_interleave(sampling.n)
-        t1 = time.perf_counter()
-        batch = self._score(idx[mine], outs, records, prompt_ids, version)
-        batch.baseline_scores = baseline
-        batch.stats.update({
-            "perf/generate_s": t_gen,
-            "perf/score_s": time.perf_counter() - t1,
-            "rollout/generated_tokens": float(batch.lengths.sum()),
-        })
-        return batch
+        """One generation call (``SingleTurnRollout.generate``): the seam every rollout of this DataModule goes
+        through."""
+        return self.rollout.generate(idx, sampling, records, prompt_ids, greedy_baseline)
 
     def _pad_id(self) -> int:
         tok = self.load_tokenizer()
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def _score(self, idx: list[int], outs: list[list[Completion]], records: list[PromptRecord],
-               prompt_ids: list[list[int]], version: int) -> RolloutBatch:
-        tok = self.load_tokenizer()
-        n = len(outs[0])
-        comps = [c for group in outs for c in group]
-        sample_prompt = [i for i in idx for _ in range(n)]
-        texts = tok.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.long)
-        truncated = torch.tensor([c.truncated for c in comps], dtype=torch.bool)
-        group_index = torch.arange(len(idx)).repeat_interleave(n)
-        prompts_text = [records[i].prompt for i in sample_prompt]
-        reward_input = RewardInput(
-            prompts=prompts_text,
-            rendered_prompts=[records[i].rendered for i in sample_prompt],
-            responses=texts,
-            answers=[records[i].answer for i in sample_prompt],
-            group_index=group_index,
-            lengths=lengths,
-            truncated=truncated,
-            max_response_length=self.max_response_length,
-            metadata=[records[i].extra for i in sample_prompt],
-        )
-        if self._module is not None and hasattr(self._module, "compute_reward"):
-            result = complete_reward(self._module.compute_reward(reward_input, self.reward_fn), len(comps),
-                                     f"{type(self._module).__name__}.compute_reward")
-        else:
-            result = complete_reward(self.reward_fn(reward_input), len(comps), "reward")
-        pad = self._pad_id()
-        prompt_t = pad_sequence([torch.tensor(prompt_ids[i]) for i in sample_prompt], batch_first=True,
-                                padding_value=pad, padding_side="left")
-        resp_t = pad_sequence([torch.tensor(c.token_ids, dtype=torch.long) for c in comps], batch_first=True,
-                              padding_value=pad)
-        logp_t = pad_sequence([torch.tensor(c.logprobs, dtype=torch.float32) for c in comps], batch_first=True)
-        width = resp_t.shape[1]
-        response_mask = torch.arange(width)[None, :] < lengths[:, None]
-        prompt_lens = torch.tensor([len(prompt_ids[i]) for i in sample_prompt])
-        prompt_mask = torch.arange(prompt_t.shape[1])[None, :] >= (prompt_t.shape[1] - prompt_lens)[:, None]
-        extracted = result.extracted or [None] * len(comps)
-        metadata = [
-            {"prompt": prompts_text[j], "response": texts[j], "answer": records[sample_prompt[j]].answer,
-             "extracted": extracted[j], "source": records[sample_prompt[j]].source}
-            for j in range(len(comps))
-        ]
-        stats = dict(result.stats)
-        return RolloutBatch(
-            input_ids=torch.cat([prompt_t, resp_t], dim=1),
-            attention_mask=torch.cat([prompt_mask, response_mask], dim=1).long(),
-            response_mask=response_mask,
-            rollout_logprobs=logp_t,
-            scores=result.scores.float(),
-            correct=result.correct.bool(),
-            lengths=lengths,
-            truncated=truncated,
-            group_index=group_index,
-            weight_version=version,
-            reward_terms=dict(result.terms),
-            metadata=metadata,
-            stats=stats,
-        )
-
-
 def _identity(x: Any) -> Any:
     return x
 
 
-def _informative_groups(scores: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """(G,) bool: groups whose rewards are not all equal (DAPO's dynamic-sampling filter)."""
-    hi = torch.full((n_groups,), -torch.inf).scatter_reduce(0, group_index, scores, "amax")
-    lo = torch.full((n_groups,), torch.inf).scatter_reduce(0, group_index, scores, "amin")
-    return hi > lo
-
-
-def _concat_groups(parts: list[RolloutBatch], n_groups: int, pad_id: int) -> RolloutBatch:
-    """Concatenate batches group by group (renumbering groups), keeping the first ``n_groups``."""
-    parts = [p for p in parts if len(p)]
-    pw = max(p.prompt_width for p in parts)
-    rw = max(p.response_mask.shape[1] for p in parts)
-    cols: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "rollout_logprobs")}
-    offset = 0
-    groups, rest = [], []
-    for p in parts:
-        lp, lr = pw - p.prompt_width, rw - p.response_mask.shape[1]
-        ids = torch.nn.functional.pad(p.input_ids[:, : p.prompt_width], (lp, 0), value=pad_id)
-        resp = torch.nn.functional.pad(p.responses, (0, lr), value=pad_id)
-        cols["input_ids"].append(torch.cat([ids, resp], 1))
-        am = p.attention_mask
-        cols["attention_mask"].append(torch.cat([
-            torch.nn.functional.pad(am[:, : p.prompt_width], (lp, 0)),
-            torch.nn.functional.pad(am[:, p.prompt_width :], (0, lr))], 1))
-        cols["response_mask"].append(torch.nn.functional.pad(p.response_mask, (0, lr)))
-        cols["rollout_logprobs"].append(torch.nn.functional.pad(p.rollout_logprobs, (0, lr)))
-        _, new_gi = torch.unique(p.group_index, sorted=True, return_inverse=True)
-        groups.append(new_gi + offset)
-        offset += int(new_gi.max()) + 1
-        rest.append(p)
-    group_index = torch.cat(groups)
-    keep = (group_index < n_groups).nonzero().squeeze(1)
-    cat = lambda name: torch.cat([getattr(p, name) for p in rest])  # noqa: E731
-    baseline = None if rest[0].baseline_scores is None else cat("baseline_scores")
-    merged = RolloutBatch(
-        input_ids=torch.cat(cols["input_ids"]),
-        attention_mask=torch.cat(cols["attention_mask"]),
-        response_mask=torch.cat(cols["response_mask"]),
-        rollout_logprobs=torch.cat(cols["rollout_logprobs"]),
-        scores=cat("scores"), correct=cat("correct"), lengths=cat("lengths"), truncated=cat("truncated"),
-        group_index=group_index,
-        weight_version=rest[0].weight_version,
-        reward_terms={k: torch.cat([p.reward_terms[k] for p in rest]) for k in rest[0].reward_terms},
-        baseline_scores=baseline,
-        metadata=[m for p in rest for m in p.metadata],
-    )
-    if len(parts) == 1 and len(keep) == len(group_index):
-        return merged
-    return merged.select(keep)
-
-
-def _merge_stats(rounds: list[dict[str, float]]) -> dict[str, float]:
-    """One step's stats from its generation rounds: seconds and generated tokens add up, every other value
-    (shares, fractions; the rounds are of equal size) is averaged over the rounds that report it."""
-    out: dict[str, float] = {}
-    for k in dict.fromkeys(k for s in rounds for k in s):
-        values = [s[k] for s in rounds if k in s]
-        summed = k.endswith("_s") or k == "rollout/generated_tokens"
-        out[k] = float(sum(values)) if summed else float(sum(values) / len(values))
-    return out

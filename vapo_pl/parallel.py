@@ -140,6 +140,21 @@ def stream_state_items(model: nn.Module, strategy, *, dtype: torch.dtype | None 
         yield name, t.detach()
 
 
+def any_nonfinite(model: nn.Module, reduce) -> bool:
+    """Whether any rank holds a non-finite weight of ``model`` (each rank checks its shards; ``reduce`` sums a flag
+    over ranks)."""
+    flag = None
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if flag is None:
+                flag = torch.zeros((), device=local.device)
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                flag = flag + 1
+                break
+    return flag is not None and float(reduce(flag)) > 0
+
+
 def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy, *,
                     bucket_bytes: int = SAVE_BUCKET_BYTES) -> None:
     """Load full (unsharded) weights into ``model``, sharded or not; every rank passes the same ``state``.

@@ -113,11 +113,11 @@ def test_packed_losses_and_gradients_equal_padded(modules):
 def test_packing_switch_chooses_the_forward(make_run, monkeypatch, packing):
     """``packing: false`` keeps the padded forward: no batch is packed in a whole RL step; ``true`` packs each
     forward (old values, update) of the step."""
-    import vapo_pl.module
+    import vapo_pl.forward
 
     packed = []
-    real = vapo_pl.module.pack
-    monkeypatch.setattr(vapo_pl.module, "pack", lambda *a, **k: packed.append(1) or real(*a, **k))
+    real = vapo_pl.forward.pack
+    monkeypatch.setattr(vapo_pl.forward, "pack", lambda *a, **k: packed.append(1) or real(*a, **k))
     module, dm, trainer = make_run(trainer={"max_steps": 1})
     module.packing = packing
     trainer.fit(module, datamodule=dm)
