@@ -36,7 +36,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vapo_pl.config_checks import ConfigError, check_run_inputs, one_line, validate_run_config
 from vapo_pl.datamodule import RolloutDataModule
-from vapo_pl.module import RunStopped, VAPOModule
+from vapo_pl.module import VAPOModule
+from vapo_pl.update import RunStopped
 
 CLI_KWARGS: dict[str, Any] = {
     "model_class": VAPOModule,

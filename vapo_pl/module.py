@@ -48,11 +48,6 @@ from vapo_pl.update import CriticFirst, Updater, UpdateSkipped, make_optimizer
 log = logging.getLogger(__name__)
 
 
-class RunStopped(RuntimeError):
-    """The run cannot go on (e.g. ``algorithm.max_skipped_steps`` updates in a row were skipped); ``vapo-pl`` prints
-    it as one ``error:`` line and exits with code 1."""
-
-
 class VAPOModule(pl.LightningModule):
     """Owns the models and the optimisation of one RL run.
 

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from vapo_pl.module import VAPOModule
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. ``algorithm.max_skipped_steps`` updates in a row were skipped); ``vapo-pl`` prints
+    it as one ``error:`` line and exits with code 1."""
+
+
 class UpdateSkipped(Exception):
     """An update (or a check before it) found a non-finite or absurd value; nothing that value touched was stepped.
     ``reason`` names the tensor; ``metrics`` are the pass's statistics up to there (still logged)."""
@@ -268,8 +273,6 @@ class Updater:
     def record_skip(self, bad: str | None) -> None:
         """Count a skipped update on the module (or reset the run of them); warn once per skip, stop after
         ``algorithm.max_skipped_steps`` in a row (``RunStopped``)."""
-        from vapo_pl.module import RunStopped
-
         m = self.m
         if bad is None:
             m.skipped_in_a_row = 0
