@@ -137,7 +137,9 @@ class SingleTurnRollout:
         return batch
 
     def score(self, idx: list[int], outs: list[list[Completion]], records: list[PromptRecord],
-               prompt_ids: list[list[int]], version: int) -> RolloutBatch:
+              prompt_ids: list[list[int]], version: int) -> RolloutBatch:
+        """The completions ``outs`` of prompts ``idx`` decoded, scored (the module's ``compute_reward`` or the reward
+        terms) and padded into a ``RolloutBatch`` tagged with weight ``version``."""
         dm = self.dm
         tok = dm.load_tokenizer()
         n = len(outs[0])
