@@ -9,6 +9,25 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class HostLayout:
+    """Each sequence's prompt and response length as CPU tensors, read once where the batch is built (on the CPU),
+    so that packing and the response-token index of a micro-batch need no device-to-host copy."""
+
+    prompt_lens: Tensor  # (B,) long, CPU
+    response_lens: Tensor  # (B,) long, CPU
+
+    @classmethod
+    def of(cls, attention_mask: Tensor, response_mask: Tensor) -> HostLayout:
+        """From the batch's masks (a device-to-host copy if they live on an accelerator)."""
+        width = response_mask.shape[1]
+        prompt = attention_mask[:, : attention_mask.shape[1] - width].sum(1)
+        return cls(prompt_lens=prompt.to("cpu", torch.long), response_lens=response_mask.sum(1).to("cpu", torch.long))
+
+    def select(self, index: Tensor) -> HostLayout:
+        return HostLayout(self.prompt_lens[index], self.response_lens[index])
+
+
 @dataclass
 class RolloutBatch:
     """One RL step's worth of generated samples, padded to a common shape.
@@ -32,6 +51,19 @@ class RolloutBatch:
     baseline_scores: Tensor | None = None  # (B,) float, ReMax: score of the greedy response
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per sample: prompt, response, answer...
     stats: dict[str, float] = field(default_factory=dict)  # rollout-side metrics (dropped prompts, kept share...)
+    # lengths on the host (``HostLayout``), set where the batch is built on the CPU and carried by ``to``/``select``
+    host: HostLayout | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.host is None and self.input_ids.device.type == "cpu":
+            self.host = HostLayout.of(self.attention_mask, self.response_mask)
+
+    @property
+    def layout(self) -> HostLayout:
+        """The host-side lengths; computed (one device-to-host copy) for a batch built on an accelerator."""
+        if self.host is None:
+            self.host = HostLayout.of(self.attention_mask, self.response_mask)
+        return self.host
 
     @property
     def prompt_width(self) -> int:
@@ -58,9 +90,15 @@ class RolloutBatch:
                 moved[f.name] = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
         return replace(self, **moved)
 
-    def select(self, index: Tensor) -> RolloutBatch:
-        """Rows ``index`` (a (b,) long tensor), e.g. one minibatch; metadata follows."""
-        out = {}
+    def select(self, index: Tensor, host_index: Tensor | None = None) -> RolloutBatch:
+        """Rows ``index`` (a (b,) long tensor), e.g. one minibatch; metadata and the host layout follow.
+
+        ``host_index``: the same rows as a CPU tensor, when ``index`` lives on an accelerator: then selecting needs
+        no device-to-host copy (the micro-batch loops pass it). Without it, a device ``index`` is copied to the host
+        once for the metadata and the layout."""
+        if host_index is None:
+            host_index = index if index.device.type == "cpu" else index.cpu()
+        out: dict[str, Any] = {"host": None if self.host is None else self.host.select(host_index)}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
@@ -68,7 +106,7 @@ class RolloutBatch:
             elif f.name == "reward_terms":
                 out[f.name] = {k: t[index] for k, t in v.items()}
             elif f.name == "metadata" and v:
-                out[f.name] = [v[i] for i in index.tolist()]
+                out[f.name] = [v[i] for i in host_index.tolist()]
         return replace(self, **out)
 
 

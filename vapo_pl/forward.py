@@ -3,14 +3,18 @@ values, on packed rows (``row_tokens``; ``vapo_pl.packing``) or padded ones (``N
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from vapo_pl.algorithms.logprob import entropy_from_logits, logprobs_from_logits
+from vapo_pl.algorithms.logprob import _ChunkedLogProbs, entropy_from_logits
 from vapo_pl.batch import RolloutBatch
 from vapo_pl.common import fp32_forward
 from vapo_pl.critic import logprob_state_features
-from vapo_pl.packing import Packed, pack, packed_targets
+from vapo_pl.packing import Packed, pack, to_device
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -18,25 +22,129 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass
+class ResponseIndex:
+    """Where a forward's outputs meet the response tokens, built on the host from the batch's lengths.
+
+    ``hidden``: flat positions in the model's ``(rows x columns)`` output whose hidden state predicts a response token
+    (the column before it); ``target``: that token's id; ``grid``: its flat position in the ``(B, T)`` response
+    layout. Only real response tokens are listed: prompt positions and padding never reach the output head."""
+
+    hidden: Tensor  # (N,) long
+    target: Tensor  # (N,) long
+    grid: Tensor  # (N,) long
+    shape: tuple[int, int]  # (B, T)
+
+    @classmethod
+    def build(cls, first: Tensor, response_lens: Tensor, width: int, ids: Tensor) -> ResponseIndex:
+        """``first``: (B,) CPU flat position of the column predicting each sequence's response token 0; ``ids``: the
+        forward's input ids (any shape), whose flattened entry after a position is the token it predicts."""
+        b = response_lens.shape[0]
+        n = int(response_lens.sum())
+        seq = torch.repeat_interleave(torch.arange(b), response_lens)  # (N,) the sequence of each token
+        offsets = torch.cumsum(response_lens, 0) - response_lens
+        t = torch.arange(n) - offsets[seq]  # (N,) index within its response
+        hidden = to_device(first[seq] + t, ids.device)
+        grid = to_device(seq * width + t, ids.device)
+        return cls(hidden=hidden, target=ids.flatten()[hidden + 1], grid=grid, shape=(b, width))
+
+    def to_grid(self, flat: Tensor) -> Tensor:
+        """(N,) per-token values -> (B, T), 0 at padding (differentiable)."""
+        out = flat.new_zeros(self.shape[0] * self.shape[1])
+        return out.index_put((self.grid,), flat).view(self.shape)
+
+
 def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, chunk_size: int,
-                    row_tokens: int | None, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(B, T) log-probs of the response tokens under ``model`` at the sampler's temperature (0 at padding)."""
+                    row_tokens: int | None, with_entropy: bool = False, checkpoint_head: bool = False
+                    ) -> tuple[Tensor, Tensor | None]:
+    """(B, T) log-probs of the response tokens under ``model`` at the sampler's temperature (0 at padding).
+
+    The output head runs only at the positions that predict response tokens (``ResponseIndex``): no logits exist for
+    prompt tokens or padding. ``checkpoint_head``: with gradient, compute the head ``chunk_size`` tokens at a time
+    and recompute each chunk's logits in backward, so at most a chunk's logits are alive instead of all of them."""
+    layout = batch.layout
+    width = batch.response_mask.shape[1]
     if row_tokens is not None:
         packed = pack_batch(batch, row_tokens)
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
-        logp = packed.gather(logprobs_from_logits(logits, packed_targets(packed), temperature,
-                                                  chunk_size))
-        ent = packed.gather(entropy_from_logits(logits.detach(), chunk_size,
-                                                temperature=temperature)) if with_entropy else None
-        return logp, ent
-    width = batch.response_mask.shape[1]
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids(batch.attention_mask), use_cache=False, logits_to_keep=width + 1)
-    logits = out.logits[:, :-1]  # (B, T, V): position P-1+t predicts response token t
-    logp = logprobs_from_logits(logits, batch.responses, temperature, chunk_size)
-    ent = entropy_from_logits(logits.detach(), chunk_size, temperature=temperature) \
-        if with_entropy else None
+        columns = packed.input_ids.shape[1]
+        row_host, start_host = packed.host_placement
+        first = row_host * columns + start_host + layout.prompt_lens - 1
+        index = ResponseIndex.build(first, layout.response_lens, width, packed.input_ids)
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
+    else:
+        prompt_width = batch.prompt_width
+        first = torch.arange(len(batch)) * batch.input_ids.shape[1] + prompt_width - 1
+        index = ResponseIndex.build(first, layout.response_lens, width, batch.input_ids)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                  "position_ids": position_ids(batch.attention_mask)}
+    head = ResponseHead(index, temperature, chunk_size, with_entropy, checkpoint_head)
+    with head.installed(model):
+        out = model(**inputs, use_cache=False)
+    if out.logits is not head.logp:
+        raise RuntimeError(f"{type(model).__name__} transforms its logits after the output head; the response-only "
+                           "head cannot be used with it")
+    logp = index.to_grid(head.logp)
+    ent = index.to_grid(head.entropy) if with_entropy else None
     return logp, ent
+
+
+class ResponseHead:
+    """Stands in for a causal LM's output head during one forward: the hidden states at ``index.hidden`` only, through
+    the head's weights (in float32 when the head is kept in float32, ``keep_output_head_in_fp32``), to log-probs of
+    ``index.target`` at ``temperature`` and, with ``with_entropy``, entropies. The forward returns the (N,) log-probs
+    as its "logits", so the model's output stays connected to them (FSDP2 and ZeRO-3 hook the output for backward)."""
+
+    def __init__(self, index: ResponseIndex, temperature: float, chunk_size: int, with_entropy: bool,
+                 checkpoint: bool) -> None:
+        self.index, self.temperature, self.chunk_size = index, temperature, chunk_size
+        self.with_entropy, self.checkpoint = with_entropy, checkpoint
+        self.logp: Tensor | None = None
+        self.entropy: Tensor | None = None
+
+    @contextmanager
+    def installed(self, model: nn.Module):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"{type(model).__name__} has no nn.Linear output head (get_output_embeddings)")
+        own = head.__dict__.get("forward")  # an instance-level forward (fp32_forward) or None
+        head.forward = lambda x: self(head, x)
+        try:
+            yield
+        finally:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
+
+    def _logits(self, head: nn.Linear, h: Tensor) -> Tensor:
+        if getattr(head, "_vapo_fp32", False):
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                bias = None if head.bias is None else head.bias.float()
+                return torch.nn.functional.linear(h.float(), head.weight.float(), bias)
+        return torch.nn.functional.linear(h, head.weight, head.bias)
+
+    def _chunk(self, head: nn.Linear, h: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self._logits(head, h)
+        logp = _ChunkedLogProbs.apply(logits, target, float(self.temperature), self.chunk_size)
+        if not self.with_entropy:
+            return logp, logp.new_zeros(0)
+        return logp, entropy_from_logits(logits.detach(), self.chunk_size, temperature=self.temperature)
+
+    def __call__(self, head: nn.Linear, x: Tensor) -> Tensor:
+        h = x.reshape(-1, x.shape[-1]).index_select(0, self.index.hidden)  # (N, H)
+        target = self.index.target
+        if self.checkpoint and torch.is_grad_enabled() and h.shape[0] > self.chunk_size:
+            parts = [torch.utils.checkpoint.checkpoint(self._chunk, head, h[s : s + self.chunk_size],
+                                                       target[s : s + self.chunk_size], use_reentrant=False)
+                     for s in range(0, h.shape[0], self.chunk_size)]
+            logp = torch.cat([p[0] for p in parts])
+            entropy = torch.cat([p[1] for p in parts]) if self.with_entropy else None
+        else:
+            logp, entropy = self._chunk(head, h, target)
+        self.logp = logp
+        self.entropy = entropy.detach() if self.with_entropy else None
+        return logp
+
 
 def critic_values(critic: nn.Module, batch: RolloutBatch, row_tokens: int | None) -> Tensor:
     """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t (0 at padding)."""
@@ -57,7 +165,9 @@ def critic_values(critic: nn.Module, batch: RolloutBatch, row_tokens: int | None
 def pack_batch(batch: RolloutBatch, row_tokens: int) -> Packed:
     # Pad slots hold token 0: they come after every real token of their row, so causal attention keeps them
     # out of every output that is read.
-    return pack(batch.input_ids, batch.attention_mask, batch.response_mask, row_tokens, pad_id=0)
+    layout = batch.layout
+    return pack(batch.input_ids, batch.attention_mask, batch.response_mask, row_tokens, pad_id=0,
+                prompt_lens=layout.prompt_lens, response_lens=layout.response_lens)
 
 
 def keep_output_head_in_fp32(model: nn.Module) -> None:

@@ -296,7 +296,8 @@ class VAPOModule(pl.LightningModule):
                         ) -> tuple[Tensor, Tensor | None]:
         """(B, T) log-probs (and entropies) of the response tokens under ``model`` at the sampler's temperature."""
         return forward.policy_logprobs(model, batch, self.temperature, self.logprob_chunk_size,
-                                       self.pack_row_tokens if self.packing else None, with_entropy)
+                                       self.pack_row_tokens if self.packing else None, with_entropy,
+                                       checkpoint_head=self.gradient_checkpointing)
 
     def critic_values(self, batch: RolloutBatch) -> Tensor:
         """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t (0 at padding)."""

@@ -31,14 +31,22 @@ class Packed:
     row: Tensor  # (B,) the row of each sequence
     read_col: Tensor  # (B, T) column whose output predicts response token t (clamped into the row)
     response_mask: Tensor  # (B, T) bool, real response tokens
+    host_row: Tensor | None = None  # (B,) CPU copy of ``row``
+    host_start: Tensor | None = None  # (B,) CPU, each sequence's first column in its row
+
+    @property
+    def host_placement(self) -> tuple[Tensor, Tensor]:
+        """(row, start) of each sequence as CPU tensors: where it was placed, known without reading the device."""
+        return self.host_row, self.host_start
 
     def scatter(self, per_token: Tensor) -> Tensor:
         """(B, T, ...) -> (R, L, ...): the inverse of ``gather`` for real response tokens; zero elsewhere."""
         r, length = self.input_ids.shape
-        out = per_token.new_zeros((r, length, *per_token.shape[2:]))
-        rows = self.row.unsqueeze(1).expand_as(self.read_col)
-        out[rows[self.response_mask], self.read_col[self.response_mask]] = per_token[self.response_mask]
-        return out
+        dump = r * length  # padding entries land in one extra slot, dropped at the end (no boolean indexing)
+        dest = torch.where(self.response_mask, self.row.unsqueeze(1) * length + self.read_col, dump)
+        out = per_token.new_zeros((dump + 1, *per_token.shape[2:]))
+        out[dest.flatten()] = per_token.flatten(0, 1)
+        return out[:dump].view(r, length, *per_token.shape[2:])
 
     def gather(self, per_position: Tensor) -> Tensor:
         """(R, L, ...) -> (B, T, ...): each response token's entry; zero where the response is padding."""
@@ -72,27 +80,44 @@ def place(lengths: list[int], row_tokens: int) -> tuple[list[int], list[int], in
     return row, start, len(used)
 
 
-def pack(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, row_tokens: int, pad_id: int) -> Packed:
-    """Pack the real tokens of a ``(B, P + T)`` batch (left-padded prompts, right-padded responses)."""
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device`` without waiting for the accelerator: pinned, then copied asynchronously."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def pack(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, row_tokens: int, pad_id: int,
+         prompt_lens: Tensor | None = None, response_lens: Tensor | None = None) -> Packed:
+    """Pack the real tokens of a ``(B, P + T)`` batch (left-padded prompts, right-padded responses).
+
+    ``prompt_lens``, ``response_lens``: each sequence's lengths as CPU tensors (``RolloutBatch.layout``); with them,
+    packing reads nothing back from the accelerator (rows are placed on the host from the lengths, and tokens move
+    by a scatter, not by boolean indexing). Without them the lengths are read from the masks."""
     b, width = input_ids.shape
     t = response_mask.shape[1]
-    real = attention_mask.bool()
-    seq_len = real.sum(1)
-    prompt_len = real[:, : width - t].sum(1)
-    row_l, start_l, n_rows = place(seq_len.tolist(), row_tokens)
     device = input_ids.device
-    row = torch.tensor(row_l, device=device)
-    start = torch.tensor(start_l, device=device)
-    length = max(row_tokens, int(seq_len.max())) if b else row_tokens
+    real = attention_mask.bool()
+    if prompt_lens is None or response_lens is None:
+        prompt_lens = real[:, : width - t].sum(1).cpu()
+        response_lens = response_mask.sum(1).cpu()
+    seq_host = prompt_lens + response_lens
+    row_l, start_l, n_rows = place(seq_host.tolist(), row_tokens)
+    length = max(row_tokens, int(seq_host.max())) if b else row_tokens
+    row_host, start_host = torch.tensor(row_l, dtype=torch.long), torch.tensor(start_l, dtype=torch.long)
+    row, start = to_device(row_host, device), to_device(start_host, device)
+    prompt_len = to_device(prompt_lens.to(torch.long), device)
+    dump = n_rows * length  # one extra slot that receives every padding token, then is dropped
     rank = real.long().cumsum(1) - 1  # position of each real token within its sequence
-    dest = (row * length + start).unsqueeze(1) + rank  # (B, W) flat destination of each token
-    ids = torch.full((n_rows * length,), pad_id, dtype=input_ids.dtype, device=device)
-    pos = torch.zeros(n_rows * length, dtype=torch.long, device=device)
-    ids[dest[real]] = input_ids[real]
-    pos[dest[real]] = rank[real]
+    dest = torch.where(real, (row * length + start).unsqueeze(1) + rank, dump)  # (B, W) flat destination
+    ids = torch.full((dump + 1,), pad_id, dtype=input_ids.dtype, device=device)
+    pos = torch.zeros(dump + 1, dtype=torch.long, device=device)
+    ids.scatter_(0, dest.flatten(), input_ids.flatten())
+    pos.scatter_(0, dest.flatten(), rank.clamp(min=0).flatten())
     read = (start + prompt_len - 1).unsqueeze(1) + torch.arange(t, device=device)
-    return Packed(input_ids=ids.view(n_rows, length), position_ids=pos.view(n_rows, length), row=row,
-                  read_col=read.clamp(max=length - 1), response_mask=response_mask.bool())
+    return Packed(input_ids=ids[:dump].view(n_rows, length), position_ids=pos[:dump].view(n_rows, length), row=row,
+                  read_col=read.clamp(max=length - 1), response_mask=response_mask.bool(), host_row=row_host,
+                  host_start=start_host)
 
 
 def packed_targets(packed: Packed) -> Tensor:
