@@ -3,6 +3,7 @@ log-probs of the tokens already written (``logprob_state_features``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -65,6 +66,8 @@ class ValueModel(nn.Module):
         head_init: Literal["zero", "random"] = "random",
         seed: int = 0,
         logprob_features: bool = False,
+        empty: bool = False,
+        attn_implementation: str | None = None,
     ) -> ValueModel:
         """``init="base"``: a causal-LM (or bare) checkpoint's backbone with a new head: ``nn.Linear``'s uniform
         init (``head_init="random"``) or zeros (``"zero"``: the first values are 0, but the backbone gets no
@@ -73,15 +76,34 @@ class ValueModel(nn.Module):
         whose score head becomes the value head (the paper's vanilla PPO setting); ``head_init`` does not
         apply. The random head is drawn from ``seed`` alone (a forked RNG), so it is the same on every rank
         and in every run with that seed. ``logprob_features`` adds the log-prob head (``new_logprob_head``, drawn
-        from ``seed + 1``); ``forward`` then needs the features."""
+        from ``seed + 1``); ``forward`` then needs the features.
+
+        ``empty``: the checkpoint's weights are not read; they stay on the meta device with a ``CheckpointSource``
+        each, for ``vapo_pl.loading.materialize`` to fill after sharding (FSDP2). The new heads are real either way.
+        ``attn_implementation``: passed to transformers (``sdpa``, ``flash_attention_2``, ``eager``)."""
         from transformers import AutoModel, AutoModelForSequenceClassification
 
+        from vapo_pl.loading import SOURCE_ATTR, CheckpointSource, empty_from_pretrained, parameters_on_meta
+
         extra = cls.new_logprob_head(seed + 1) if logprob_features else None
+        attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
 
         if init == "reward_model":
-            rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
+            if empty:
+                rm = empty_from_pretrained(AutoModelForSequenceClassification, path, torch_dtype, num_labels=1, **attn)
+            else:
+                rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype, **attn)
             backbone = getattr(rm, rm.base_model_prefix)
             head = rm.score
+            if empty:
+                prefix = f"{rm.base_model_prefix}."
+                setattr(backbone, SOURCE_ATTR, CheckpointSource(Path(path), ("", prefix)))
+                if head.bias is None:
+                    with parameters_on_meta():
+                        head = nn.Linear(head.in_features, 1, bias=True, dtype=head.weight.dtype)
+                setattr(head, SOURCE_ATTR, CheckpointSource(Path(path), renames={
+                    "weight": "score.weight", "bias": "score.bias" if rm.score.bias is not None else None}))
+                return cls(backbone, head, extra)
             if head.bias is None:
                 new = nn.Linear(head.in_features, 1, bias=True, dtype=head.weight.dtype)
                 with gathered_for_init(head), gathered_for_init(new), torch.no_grad():
@@ -93,7 +115,10 @@ class ValueModel(nn.Module):
             raise ValueError(f"critic init must be 'base' or 'reward_model', got {init!r}")
         if head_init not in ("zero", "random"):
             raise ValueError(f"critic head_init must be 'zero' or 'random', got {head_init!r}")
-        backbone = AutoModel.from_pretrained(path, dtype=torch_dtype)
+        if empty:
+            backbone = empty_from_pretrained(AutoModel, path, torch_dtype, **attn)
+        else:
+            backbone = AutoModel.from_pretrained(path, dtype=torch_dtype, **attn)
         head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
         with gathered_for_init(head):  # ZeRO-3 partitions parameters as they are created
             if head_init == "zero":
