@@ -11,21 +11,21 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class HostLayout:
-    """Each sequence's prompt and response length as CPU tensors, read once where the batch is built (on the CPU),
-    so that packing and the response-token index of a micro-batch need no device-to-host copy."""
+    """Each sequence's prompt and response length as Python ints, read once where the batch is built (on the CPU),
+    so that packing and the response-token index of a micro-batch read nothing back from the accelerator."""
 
-    prompt_lens: Tensor  # (B,) long, CPU
-    response_lens: Tensor  # (B,) long, CPU
+    prompt_lens: tuple[int, ...]
+    response_lens: tuple[int, ...]
 
     @classmethod
     def of(cls, attention_mask: Tensor, response_mask: Tensor) -> HostLayout:
         """From the batch's masks (a device-to-host copy if they live on an accelerator)."""
         width = response_mask.shape[1]
         prompt = attention_mask[:, : attention_mask.shape[1] - width].sum(1)
-        return cls(prompt_lens=prompt.to("cpu", torch.long), response_lens=response_mask.sum(1).to("cpu", torch.long))
+        return cls(prompt_lens=tuple(prompt.tolist()), response_lens=tuple(response_mask.sum(1).tolist()))
 
-    def select(self, index: Tensor) -> HostLayout:
-        return HostLayout(self.prompt_lens[index], self.response_lens[index])
+    def select(self, rows: list[int]) -> HostLayout:
+        return HostLayout(tuple(self.prompt_lens[i] for i in rows), tuple(self.response_lens[i] for i in rows))
 
 
 @dataclass
@@ -90,14 +90,13 @@ class RolloutBatch:
                 moved[f.name] = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
         return replace(self, **moved)
 
-    def select(self, index: Tensor, host_index: Tensor | None = None) -> RolloutBatch:
+    def select(self, index: Tensor, host_index: list[int] | None = None) -> RolloutBatch:
         """Rows ``index`` (a (b,) long tensor), e.g. one minibatch; metadata and the host layout follow.
 
-        ``host_index``: the same rows as a CPU tensor, when ``index`` lives on an accelerator: then selecting needs
-        no device-to-host copy (the micro-batch loops pass it). Without it, a device ``index`` is copied to the host
-        once for the metadata and the layout."""
+        ``host_index``: the same rows as a list, which the micro-batch loops pass so that selecting reads nothing back
+        from the accelerator. Without it, ``index`` is read once for the metadata and the layout."""
         if host_index is None:
-            host_index = index if index.device.type == "cpu" else index.cpu()
+            host_index = index.tolist()
         out: dict[str, Any] = {"host": None if self.host is None else self.host.select(host_index)}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -106,7 +105,7 @@ class RolloutBatch:
             elif f.name == "reward_terms":
                 out[f.name] = {k: t[index] for k, t in v.items()}
             elif f.name == "metadata" and v:
-                out[f.name] = [v[i] for i in host_index.tolist()]
+                out[f.name] = [v[i] for i in host_index]
         return replace(self, **out)
 
 

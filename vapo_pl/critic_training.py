@@ -17,6 +17,7 @@ from torch import Tensor
 
 from vapo_pl.algorithms.value import explained_variance
 from vapo_pl.batch import RolloutBatch
+from vapo_pl.parallel import gradient_sync
 from vapo_pl.update import CriticFirst, UpdateSkipped
 
 if TYPE_CHECKING:
@@ -72,12 +73,14 @@ class CriticTraining:
         values = torch.zeros(batch.response_mask.shape, device=device)
         total = torch.zeros((), device=device)
         clipfrac = []
-        for idx in updater.micro_batches(updater.minibatches(len(batch))[0].to(device)):
-            mb = batch.select(idx)
+        parts = updater.micro_batches(updater.minibatches(len(batch))[0], device)
+        for i, (idx, host_idx) in enumerate(parts):
+            mb = batch.select(idx, host_idx)
             v = m.critic_values(mb)
             values[idx] = v.detach()
             loss, vstats = updater.value_loss(mb, v, values[idx], returns[idx], n_val_tok)
-            m.manual_backward(loss)
+            with gradient_sync(m, sync=i == len(parts) - 1):
+                m.manual_backward(loss)
             total = total + loss.detach()
             clipfrac.append(vstats["vf_clipfrac"])
         return values, CriticFirst(value_loss=total, vf_clipfrac=torch.stack(clipfrac))

@@ -3,6 +3,7 @@ values, on packed rows (``row_tokens``; ``vapo_pl.packing``) or padded ones (``N
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,11 +37,11 @@ class ResponseIndex:
     shape: tuple[int, int]  # (B, T)
 
     @classmethod
-    def build(cls, first: Tensor, response_lens: Tensor, width: int, ids: Tensor) -> ResponseIndex:
+    def build(cls, first: Tensor, response_lens: Sequence[int], width: int, ids: Tensor) -> ResponseIndex:
         """``first``: (B,) CPU flat position of the column predicting each sequence's response token 0; ``ids``: the
         forward's input ids (any shape), whose flattened entry after a position is the token it predicts."""
-        b = response_lens.shape[0]
-        n = int(response_lens.sum())
+        b, n = len(response_lens), sum(response_lens)
+        response_lens = torch.tensor(list(response_lens), dtype=torch.long)
         seq = torch.repeat_interleave(torch.arange(b), response_lens)  # (N,) the sequence of each token
         offsets = torch.cumsum(response_lens, 0) - response_lens
         t = torch.arange(n) - offsets[seq]  # (N,) index within its response
@@ -68,7 +69,7 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
         packed = pack_batch(batch, row_tokens)
         columns = packed.input_ids.shape[1]
         row_host, start_host = packed.host_placement
-        first = row_host * columns + start_host + layout.prompt_lens - 1
+        first = row_host * columns + start_host + torch.tensor(list(layout.prompt_lens), dtype=torch.long) - 1
         index = ResponseIndex.build(first, layout.response_lens, width, packed.input_ids)
         inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
     else:
@@ -80,10 +81,11 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
     head = ResponseHead(index, temperature, chunk_size, with_entropy, checkpoint_head)
     with head.installed(model):
         out = model(**inputs, use_cache=False)
-    if out.logits is not head.logp:
-        raise RuntimeError(f"{type(model).__name__} transforms its logits after the output head; the response-only "
+    # the model's output, not head.logp itself: ZeRO-3 and FSDP2 hook it (same values) for their backward
+    if out.logits.shape != head.logp.shape:
+        raise RuntimeError(f"{type(model).__name__} reshapes its logits after the output head; the response-only "
                            "head cannot be used with it")
-    logp = index.to_grid(head.logp)
+    logp = index.to_grid(out.logits)
     ent = index.to_grid(head.entropy) if with_entropy else None
     return logp, ent
 

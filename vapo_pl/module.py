@@ -47,6 +47,19 @@ from vapo_pl.update import CriticFirst, Updater, UpdateSkipped, make_optimizer
 
 log = logging.getLogger(__name__)
 
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def resolve_attn_implementation(choice: str) -> str:
+    """``auto``: ``flash_attention_2`` when CUDA is available and ``flash_attn`` is installed, else ``sdpa``."""
+    if choice != "auto":
+        return choice
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
 
 class VAPOModule(pl.LightningModule):
     """Owns the models and the optimisation of one RL run.
@@ -79,6 +92,9 @@ class VAPOModule(pl.LightningModule):
             targets do not depend on its values (``gae`` with ``lambda_critic`` 1, VAPO's Decoupled-GAE) and a
             strategy other than DeepSpeed, the critic's old values come from its update pass too: its micro-batches
             run (forward and backward) before the actor's, and GAE gets their detached values.
+        attn_implementation: the attention kernel of actor, critic and reference model: ``auto`` (``flash_attention_2``
+            on CUDA when the ``flash_attn`` package is installed, its varlen kernel then runs packed rows with no
+            mask; ``sdpa`` otherwise), ``sdpa``, ``flash_attention_2`` or ``eager``.
         seed: seed of the minibatch shuffling.
 
     Subclass hooks (small on purpose): ``build_prompt``, ``compute_reward``, ``build_actor``,
@@ -99,6 +115,7 @@ class VAPOModule(pl.LightningModule):
         packing: bool = True,
         pack_row_tokens: int = 128,
         reuse_update_forward: bool = True,
+        attn_implementation: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -113,6 +130,9 @@ class VAPOModule(pl.LightningModule):
             raise ValueError(f"model.logprob_chunk_size must be >= 1, got {logprob_chunk_size}")
         if isinstance(pack_row_tokens, bool) or not isinstance(pack_row_tokens, int) or pack_row_tokens < 1:
             raise ValueError(f"model.pack_row_tokens must be an integer >= 1, got {pack_row_tokens!r}")
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got "
+                             f"{attn_implementation!r}")
         self.model_path = model_path
         self.critic_path = critic_path
         self.critic_init = critic_init
@@ -126,6 +146,8 @@ class VAPOModule(pl.LightningModule):
         self.packing = packing
         self.pack_row_tokens = pack_row_tokens
         self.reuse_update_forward = reuse_update_forward
+        self.attn_implementation = attn_implementation
+        self._build_empty = False  # set while configure_model builds for FSDP2 (parameters on the meta device)
         self.seed = seed
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -162,10 +184,18 @@ class VAPOModule(pl.LightningModule):
         return default(inputs)
 
     def build_actor(self) -> nn.Module:
+        """The policy in float32 (the master weights). Under FSDP2 (``self.builds_empty``) its parameters stay on the
+        meta device, to be filled shard by shard after sharding (``vapo_pl.loading``); a subclass may return a real
+        model instead, which is then sharded as it is."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(require_model_dir(self.model_path, "model.model_path"),
-                                                    dtype=torch.float32)
+        from vapo_pl.loading import empty_from_pretrained
+
+        path = require_model_dir(self.model_path, "model.model_path")
+        attn = self.resolved_attn_implementation
+        if self.builds_empty:
+            return empty_from_pretrained(AutoModelForCausalLM, path, torch.float32, attn_implementation=attn)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
 
     def build_critic(self) -> nn.Module:
         """A module mapping (input_ids, attention_mask, position_ids) to (B, L) values; with
@@ -173,7 +203,19 @@ class VAPOModule(pl.LightningModule):
         path = require_model_dir(self.critic_path or self.model_path, "model.critic_path")
         return ValueModel.from_pretrained(path, init=self.critic_init, torch_dtype=torch.float32,
                                           head_init=self.critic_head_init, seed=self.seed,
-                                          logprob_features=self.critic_logprob_features)
+                                          logprob_features=self.critic_logprob_features, empty=self.builds_empty,
+                                          attn_implementation=self.resolved_attn_implementation)
+
+    @property
+    def builds_empty(self) -> bool:
+        """Whether ``build_actor``/``build_critic`` are being called to build models for FSDP2, which are filled
+        from the checkpoint after sharding (each rank reads its shard only)."""
+        return self._build_empty
+
+    @property
+    def resolved_attn_implementation(self) -> str:
+        """``attn_implementation`` with ``auto`` decided for this machine."""
+        return resolve_attn_implementation(self.attn_implementation)
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """(B, T) rewards per response token: the sequence score on its last token (sparse reward)."""
@@ -193,6 +235,25 @@ class VAPOModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.actor is not None:
             return
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        self._build_empty = mesh is not None
+        try:
+            self._build_models()
+        finally:
+            self._build_empty = False
+        if mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh, then each rank's shards
+            from vapo_pl.loading import materialize
+            from vapo_pl.parallel import fully_shard_model
+
+            strategy = self.trainer.strategy
+            for m in (self.actor, self.critic, self.ref_model):
+                if m is not None:
+                    fully_shard_model(m, mesh, bf16=str(self.trainer.precision).startswith("bf16"),
+                                      cpu_offload=getattr(strategy, "cpu_offload", False))
+                    materialize(m, torch.device("cpu") if getattr(strategy, "cpu_offload", False)
+                                else strategy.root_device)
+
+    def _build_models(self) -> None:
         self.actor = self.build_actor().train()
         keep_output_head_in_fp32(self.actor)
         if self._evaluating:  # vapo-pl validate / test: the policy alone
@@ -209,13 +270,6 @@ class VAPOModule(pl.LightningModule):
             self.actor.gradient_checkpointing_enable()
             if self.critic is not None:
                 self.critic.gradient_checkpointing_enable()
-        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
-        if mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
-            from vapo_pl.parallel import fully_shard_model
-
-            for m in (self.actor, self.critic, self.ref_model):
-                if m is not None:
-                    fully_shard_model(m, mesh)
 
     def configure_optimizers(self):
         return make_optimizer(self.actor, self.critic, self.optim)
@@ -327,8 +381,8 @@ class VAPOModule(pl.LightningModule):
         parts: dict[str, list[Tensor]] = defaultdict(list)
         actor_here = not critic_only and not self.one_update_per_batch(len(batch))
         values = critic_only or not self.values_from_update(len(batch))
-        for idx in self.updater.micro_batches(torch.arange(len(batch), device=batch.scores.device)):
-            mb = batch.select(idx)
+        for idx, host_idx in self.updater.micro_batches(torch.arange(len(batch)), batch.scores.device):
+            mb = batch.select(idx, host_idx)
             if actor_here:
                 logp, ent = self.policy_logprobs(self.actor, mb, with_entropy=True)
                 parts["old_logp"].append(logp)

@@ -16,6 +16,7 @@ sequences (placing them into rows), never over tokens.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,10 +89,10 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def pack(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, row_tokens: int, pad_id: int,
-         prompt_lens: Tensor | None = None, response_lens: Tensor | None = None) -> Packed:
+         prompt_lens: Sequence[int] | None = None, response_lens: Sequence[int] | None = None) -> Packed:
     """Pack the real tokens of a ``(B, P + T)`` batch (left-padded prompts, right-padded responses).
 
-    ``prompt_lens``, ``response_lens``: each sequence's lengths as CPU tensors (``RolloutBatch.layout``); with them,
+    ``prompt_lens``, ``response_lens``: each sequence's lengths (``RolloutBatch.layout``); with them,
     packing reads nothing back from the accelerator (rows are placed on the host from the lengths, and tokens move
     by a scatter, not by boolean indexing). Without them the lengths are read from the masks."""
     b, width = input_ids.shape
@@ -99,14 +100,14 @@ def pack(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, row_t
     device = input_ids.device
     real = attention_mask.bool()
     if prompt_lens is None or response_lens is None:
-        prompt_lens = real[:, : width - t].sum(1).cpu()
-        response_lens = response_mask.sum(1).cpu()
-    seq_host = prompt_lens + response_lens
-    row_l, start_l, n_rows = place(seq_host.tolist(), row_tokens)
-    length = max(row_tokens, int(seq_host.max())) if b else row_tokens
+        prompt_lens = real[:, : width - t].sum(1).tolist()
+        response_lens = response_mask.sum(1).tolist()
+    seq_lens = [p + r for p, r in zip(prompt_lens, response_lens)]
+    row_l, start_l, n_rows = place(seq_lens, row_tokens)
+    length = max(row_tokens, max(seq_lens)) if b else row_tokens
     row_host, start_host = torch.tensor(row_l, dtype=torch.long), torch.tensor(start_l, dtype=torch.long)
     row, start = to_device(row_host, device), to_device(start_host, device)
-    prompt_len = to_device(prompt_lens.to(torch.long), device)
+    prompt_len = to_device(torch.tensor(list(prompt_lens), dtype=torch.long), device)
     dump = n_rows * length  # one extra slot that receives every padding token, then is dropped
     rank = real.long().cumsum(1) - 1  # position of each real token within its sequence
     dest = torch.where(real, (row * length + start).unsqueeze(1) + rank, dump)  # (B, W) flat destination

@@ -30,14 +30,23 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def fully_shard_model(model: nn.Module, mesh) -> None:
-    """FSDP2: shard every decoder layer, then the whole model, over the data-parallel mesh."""
-    from torch.distributed.fsdp import fully_shard
+def fully_shard_model(model: nn.Module, mesh, *, bf16: bool = False, cpu_offload: bool = False) -> None:
+    """FSDP2: shard every decoder layer, then the whole model, over the data-parallel mesh.
+
+    ``bf16`` (``trainer.precision: bf16-mixed``): the decoder layers are all-gathered and computed in bfloat16 and
+    their gradients reduce-scattered in float32 (``MixedPrecisionPolicy``), which halves the all-gather traffic and
+    the unsharded layer's memory; the root (embeddings, final norm, output head) stays in float32, since the
+    log-probs are read from the head. ``cpu_offload``: sharded parameters, gradients and the optimizer step live on
+    the host (``CPUOffloadPolicy``); the accelerator holds only the layers being computed."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    layer_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in _decoder_layers(model):
-        fully_shard(layer, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(layer, mesh=dp_mesh, mp_policy=layer_mp, offload_policy=offload)
+    fully_shard(model, mesh=dp_mesh, offload_policy=offload)
 
 
 def full_state_items(model: nn.Module, strategy) -> Iterator[tuple[str, Tensor]]:
@@ -197,6 +206,37 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], strategy, *,
 
 
 @contextmanager
+def gradient_sync(module, sync: bool):
+    """Backward passes inside add their gradients without communicating unless ``sync``: the last micro-batch of an
+    optimizer step syncs what all of them accumulated. DDP (Lightning wraps the whole LightningModule): ``no_sync``.
+    FSDP2 with ``gradient_sync: step``: ``set_requires_gradient_sync(False)`` on each sharded model. DeepSpeed manages
+    its own accumulation boundary (``HFDeepSpeedStrategy``); nothing changes there or without a strategy."""
+    trainer = getattr(module, "_trainer", None)
+    strategy = getattr(trainer, "strategy", None)
+    if sync or strategy is None:
+        yield
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = getattr(strategy, "model", None)
+    if isinstance(wrapped, DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+        return
+    if isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "gradient_sync", "micro_batch") == "step":
+        models = [m for m in (module.actor, module.critic) if hasattr(m, "set_requires_gradient_sync")]
+        for m in models:
+            m.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            for m in models:
+                m.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+@contextmanager
 def gathered_for_init(module: nn.Module):
     """Let in-place initialisation of ``module``'s parameters take effect under ZeRO-3.
 
@@ -222,17 +262,33 @@ class FSDP2Strategy(ModelParallelStrategy):
     node), so ``ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1)`` fails its
     "dp x tp = world size" check as soon as a node has two devices. vapo-pl applies no tensor-parallel plan to the
     trainer's models (the rollout engine has its own ``data.engine.tensor_parallel_size``), so here the
-    data-parallel dimension is always the whole world and the tensor-parallel one has size 1. Every other argument
-    is Lightning's.
+    data-parallel dimension is always the whole world and the tensor-parallel one has size 1.
+
+    Args:
+        cpu_offload: keep sharded parameters, gradients and optimizer state in host memory (FSDP2's
+            ``CPUOffloadPolicy``); the GPU holds only the layers being computed. For models whose sharded training
+            state does not fit next to the rollout engine (the 32B config; see ``vapo-pl plan``).
+        gradient_sync: ``step`` (default): gradients are reduce-scattered once per optimizer step, on the last
+            micro-batch's backward; the earlier micro-batches accumulate unsharded gradients locally (one reduce-scatter
+            instead of one per micro-batch, at the cost of holding every layer's full gradient between micro-batches).
+            ``micro_batch``: reduce-scatter after every micro-batch's backward, so gradients stay sharded (for models
+            whose full gradient does not fit on one GPU).
+        save_distributed_checkpoint, process_group_backend, timeout: Lightning's.
     """
 
-    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
-                 timeout: timedelta | None = None) -> None:
+    def __init__(self, cpu_offload: bool = False, gradient_sync: str = "step", save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, timeout: timedelta | None = None) -> None:
         from torch.distributed.constants import default_pg_timeout
 
+        if gradient_sync not in ("step", "micro_batch"):
+            raise ValueError(f"trainer.strategy.gradient_sync must be 'step' or 'micro_batch', got {gradient_sync!r}")
+        if not isinstance(cpu_offload, bool):
+            raise ValueError(f"trainer.strategy.cpu_offload must be true or false, got {cpu_offload!r}")  # noqa: TRY004
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timeout or default_pg_timeout)
+        self.cpu_offload = cpu_offload
+        self.gradient_sync = gradient_sync
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes

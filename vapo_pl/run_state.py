@@ -65,7 +65,9 @@ def gather_rank_states(m: VAPOModule) -> list[dict[str, Any]]:
     import torch.distributed as dist
 
     mine = {
-        "critic_replay": [{f.name: getattr(b, f.name) for f in fields(b)} for b in m.critic_replay],
+        # the host layout is derived (rebuilt on load), and a plain dict of tensors loads with weights_only
+        "critic_replay": [{f.name: getattr(b, f.name) for f in fields(b) if f.name != "host"}
+                          for b in m.critic_replay],
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }

@@ -22,6 +22,7 @@ from vapo_pl.algorithms.kl import kl_estimate
 from vapo_pl.algorithms.nll import positive_example_nll
 from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
 from vapo_pl.algorithms.value import value_loss
+from vapo_pl.parallel import gradient_sync
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,13 @@ class Updater:
         return self.m.algorithm
 
     # ------------------------------------------------------------------ batching
-    def micro_batches(self, index: Tensor) -> list[Tensor]:
-        return list(index.split(self.cfg.micro_batch_size))
+    def micro_batches(self, index: Tensor, device: torch.device | None = None) -> list[tuple[Tensor, list[int]]]:
+        """``index`` (rows, a CPU tensor) in micro-batches of ``micro_batch_size``: ``(rows on device, the same rows as
+        a list)`` pairs, so a micro-batch is selected without reading anything back from the accelerator."""
+        from vapo_pl.packing import to_device
+
+        device = device or self.m.device
+        return [(to_device(part, device), part.tolist()) for part in index.split(self.cfg.micro_batch_size)]
 
     def minibatches(self, n: int, epoch: int = 0, critic_only: bool = False) -> list[Tensor]:
         """Shuffled local row indices, one tensor per optimizer step; critic-only passes use
@@ -150,8 +156,8 @@ class Updater:
             n_epochs = epochs
         for epoch in range(n_epochs):
             critic_only_epoch = critic_only or epoch >= cfg.ppo_epochs
-            for mb_idx in self.minibatches(len(batch), epoch, critic_only=critic_only_epoch):
-                mb_idx = mb_idx.to(device)
+            for mb_host in self.minibatches(len(batch), epoch, critic_only=critic_only_epoch):
+                mb_idx = mb_host.to(device)
                 counts = torch.stack([policy_mask[mb_idx].sum(), batch.response_mask[mb_idx].sum(),
                                       positive_mask[mb_idx].sum()]).float()
                 n_tok, n_val_tok, n_pos = m._sum_across_ranks(counts) / world
@@ -162,24 +168,29 @@ class Updater:
                     for v in critic_first.vf_clipfrac.unbind():
                         stats.add_mean("critic/vf_clipfrac", v)
                     total = total + critic_first.value_loss
-                for idx in self.micro_batches(mb_idx):
+                parts = self.micro_batches(mb_host, device)
+                ptx_follows = cfg.ptx_coef > 0 and not critic_only_epoch
+                for i, (idx, host_idx) in enumerate(parts):
                     loss = torch.zeros((), device=device)
                     if not critic_only_epoch:
                         actor_loss, terms, ratios = self.actor_loss(batch, prep, adv, idx, policy_mask, n_tok,
-                                                                    n_pos, len(mb_idx) / world, fill=fill)
+                                                                    n_pos, len(mb_idx) / world, fill=fill,
+                                                                    host_idx=host_idx)
                         loss = loss + actor_loss
                         for k, v in terms.items():
                             stats.add_sum(k, v)
                         for k, v in ratios.items():
                             stats.add_mean(k, v)
                     if critic_here:
-                        critic_loss, vstats = self.critic_loss(batch, prep, adv, idx, n_val_tok)
+                        critic_loss, vstats = self.critic_loss(batch, prep, adv, idx, n_val_tok, host_idx=host_idx)
                         loss = loss + critic_loss
                         stats.add_sum("critic/value_loss", critic_loss.detach())
                         stats.add_mean("critic/vf_clipfrac", vstats["vf_clipfrac"])
-                    m.manual_backward(loss)
+                    # gradients are communicated once per optimizer step, on its last backward
+                    with gradient_sync(m, sync=i == len(parts) - 1 and not ptx_follows):
+                        m.manual_backward(loss)
                     total = total + loss.detach()
-                if cfg.ptx_coef > 0 and not critic_only_epoch:
+                if ptx_follows:
                     ptx = self.ptx_backward()
                     stats.add_sum("actor/ptx_loss", ptx)
                     total = total + cfg.ptx_coef * ptx
@@ -201,13 +212,14 @@ class Updater:
         return out
 
     # ------------------------------------------------------------------ losses of one micro-batch
-    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs, fill=None
+    def actor_loss(self, batch, prep, adv, idx, policy_mask, n_tok, n_pos, n_seqs, fill=None, host_idx=None
                    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Policy loss + mu * positive-example NLL + KL loss for micro-batch ``idx``; returns the loss, its
-        detached terms (to be summed over micro-batches) and ratio statistics (to be averaged). With ``fill`` the
-        old log-probs are this forward's own, detached (and written into ``fill`` with the entropies)."""
+        """Policy loss + mu * positive-example NLL + KL loss for micro-batch ``idx`` (``host_idx``: the same rows on
+        the CPU); returns the loss, its detached terms (to be summed over micro-batches) and ratio statistics (to be
+        averaged). With ``fill`` the old log-probs are this forward's own, detached (and written into ``fill`` with
+        the entropies)."""
         m, cfg = self.m, self.cfg
-        mb = batch.select(idx)
+        mb = batch.select(idx, host_idx)
         mask = policy_mask[idx]
         logp, ent = m.policy_logprobs(m.actor, mb, with_entropy=fill is not None)
         if fill is not None:
@@ -233,10 +245,10 @@ class Updater:
             terms["actor/kl_loss"] = kl.detach()
         return loss, terms, {f"actor/{k}": v for k, v in pg.stats.items()}
 
-    def critic_loss(self, batch, prep, adv, idx, n_tok) -> tuple[Tensor, dict[str, Tensor]]:
+    def critic_loss(self, batch, prep, adv, idx, n_tok, host_idx=None) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped value loss toward the ``lambda_critic`` returns for micro-batch ``idx`` (token mean over the
         minibatch)."""
-        mb = batch.select(idx)
+        mb = batch.select(idx, host_idx)
         return self.value_loss(mb, self.m.critic_values(mb), prep.old_values[idx], adv.returns[idx], n_tok)
 
     def value_loss(self, mb: RolloutBatch, values: Tensor, old: Tensor, returns: Tensor, n_tok: Tensor
@@ -264,9 +276,11 @@ class Updater:
         world = m._world
         n_tok = (m._sum_across_ranks(loss_mask[:, 1:].sum().float()) / world).clamp(min=1)
         nll_total = torch.zeros((), device=m.device)
-        for idx in torch.arange(len(ids), device=m.device).split(self.cfg.micro_batch_size):
+        parts = torch.arange(len(ids), device=m.device).split(self.cfg.micro_batch_size)
+        for i, idx in enumerate(parts):
             nll, _ = self.ptx_nll(ids[idx], attention[idx], loss_mask[idx])
-            m.manual_backward(self.cfg.ptx_coef * nll / n_tok)
+            with gradient_sync(m, sync=i == len(parts) - 1):
+                m.manual_backward(self.cfg.ptx_coef * nll / n_tok)
             nll_total = nll_total + nll.detach() / n_tok
         return nll_total
 

@@ -109,13 +109,52 @@ class LaunchProbe(pl.Callback):
         return {"step": int(pl_module.rl_step), "actor": digest(actor), "critic": digest(critic),
                 "policy_version": int(pl_module.policy_version)}
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Count gradient communications per ``manual_backward``: DDP's bucket all-reduces (a comm hook), FSDP2's
+        reduce-scatters (``foreach_reduce``). Recorded as one count per backward of each RL step."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        counter = {"n": 0}
+        self.backward_comms: list[list[int]] = [[]]
+        wrapped = trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            def counting_allreduce(state, bucket):
+                counter["n"] += 1
+                return default_hooks.allreduce_hook(state, bucket)
+
+            wrapped.register_comm_hook(None, counting_allreduce)
+        else:
+            from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group_mod
+
+            reduce = group_mod.foreach_reduce
+
+            def counting_reduce(*args, **kwargs):
+                counter["n"] += 1
+                return reduce(*args, **kwargs)
+
+            group_mod.foreach_reduce = counting_reduce
+        backward = pl_module.manual_backward
+
+        def recorded_backward(*args, **kwargs):
+            before = counter["n"]
+            out = backward(*args, **kwargs)
+            self.backward_comms[-1].append(counter["n"] - before)
+            return out
+
+        pl_module.manual_backward = recorded_backward
+
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = self._record(trainer, pl_module)  # after ValuePretraining's on_train_start (listed first)
+        self.backward_comms = [[]]  # from the first RL step on
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = self._record(trainer, pl_module)
         rollout = outputs["rollout"]
         self.prompts.append(sorted({m["prompt"] for m in rollout.metadata}))  # what this rank trained on
+        record["backward_comms"] = self.backward_comms[-1]
+        self.backward_comms.append([])
         self.steps.append(record)
 
     def on_train_end(self, trainer, pl_module) -> None:

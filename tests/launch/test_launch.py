@@ -73,7 +73,7 @@ def _overlay(run: Path, model: Path, strategy: str, critic: Path, engine: str = 
         pretrain["save_path"] = str(critic)
     if strategy == "deepspeed_zero3":
         pretrain = {"load_path": str(critic)}
-    algorithm = {"minibatch_size": 16, "micro_batch_size": 8}
+    algorithm = {"minibatch_size": 16, "micro_batch_size": 4}  # two micro-batches per optimizer step and rank
     if strategy == "fsdp2":
         algorithm["kl_loss_coef"] = 0.01  # a reference model: FSDP2 must resume without its weights in the checkpoint
     cfg = {

@@ -47,7 +47,8 @@ def positive_example_nll(
         raise ValueError(
             f"correct must have shape (B,) = {tuple(logp.shape[:1])}, got {tuple(correct.shape)}"
         )
-    if num_tokens is not None and not float(num_tokens) > 0:
+    # a tensor count is used as given (checking one on an accelerator would wait for it)
+    if num_tokens is not None and not isinstance(num_tokens, Tensor) and not float(num_tokens) > 0:
         raise ValueError(f"num_tokens must be > 0, got {num_tokens!r}")
 
     selected = mask.bool() & correct[:, None]  # (B, T)
