@@ -63,6 +63,16 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
     The output head runs only at the positions that predict response tokens (``ResponseIndex``): no logits exist for
     prompt tokens or padding. ``checkpoint_head``: with gradient, compute the head ``chunk_size`` tokens at a time
     and recompute each chunk's logits in backward, so at most a chunk's logits are alive instead of all of them."""
+    if row_tokens is not None:
+        groups = row_groups(batch, row_tokens, varlen=uses_varlen_attention(model))
+        if len(groups) > 1:
+            logp = ent = None
+            for sub, rows, capacity in groups:
+                lp, e = policy_logprobs(model, sub, temperature, chunk_size, capacity, with_entropy, checkpoint_head)
+                logp = _place(logp, rows, lp, batch)
+                ent = _place(ent, rows, e, batch) if with_entropy else None
+            return logp, ent
+        row_tokens = groups[0][2]
     layout = batch.layout
     width = batch.response_mask.shape[1]
     if row_tokens is not None:
@@ -88,6 +98,44 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
     logp = index.to_grid(out.logits)
     ent = index.to_grid(head.entropy) if with_entropy else None
     return logp, ent
+
+
+def uses_varlen_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (a causal LM or a ``ValueModel``) attends with flash-attention, whose varlen kernel runs
+    packed rows of any length without a mask."""
+    inner = getattr(model, "backbone", model)
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "flash_attention_2"
+
+
+def row_groups(batch: RolloutBatch, row_tokens: int, varlen: bool
+               ) -> list[tuple[RolloutBatch, Tensor | None, int]]:
+    """How a micro-batch is packed: ``(sequences, their rows in the batch on device or None for all, row length)``.
+
+    With flash-attention's varlen kernel, one packing whose rows hold up to ``max(row_tokens, longest sequence)``
+    tokens. Otherwise (SDPA, eager) transformers builds a (rows, L, L) mask for packed rows, so rows stay at
+    ``row_tokens`` and every longer sequence is run alone with its exact length: one row with no padding and no
+    restart needs no mask at all (causal attention, SDPA's flash kernel on GPU), and no memory grows with the square
+    of a long sequence."""
+    layout = batch.layout
+    seq = [p + r for p, r in zip(layout.prompt_lens, layout.response_lens)]
+    longest = max(seq, default=0)
+    if varlen or longest <= row_tokens:
+        return [(batch, None, max(row_tokens, longest) if varlen else row_tokens)]
+    short = [i for i, n in enumerate(seq) if n <= row_tokens]
+    parts = ([(short, row_tokens)] if short else []) + [([i], seq[i]) for i, n in enumerate(seq) if n > row_tokens]
+    device = batch.input_ids.device
+    out = []
+    for rows, capacity in parts:
+        index = to_device(torch.tensor(rows, dtype=torch.long), device)
+        out.append((batch.select(index, rows), index, capacity))
+    return out
+
+
+def _place(full: Tensor | None, rows: Tensor, part: Tensor, batch: RolloutBatch) -> Tensor:
+    """``full`` (B, T, ...) with rows ``rows`` set to ``part`` (out of place, so gradients flow to every part)."""
+    if full is None:
+        full = part.new_zeros((len(batch), *part.shape[1:]))
+    return full.index_put((rows,), part)
 
 
 class ResponseHead:
@@ -154,7 +202,13 @@ def critic_values(critic: nn.Module, batch: RolloutBatch, row_tokens: int | None
     if getattr(critic, "uses_logprob_features", False):
         feats = logprob_state_features(batch.rollout_logprobs, batch.response_mask)
     if row_tokens is not None:
-        packed = pack_batch(batch, row_tokens)
+        groups = row_groups(batch, row_tokens, varlen=uses_varlen_attention(critic))
+        if len(groups) > 1:
+            values = None
+            for sub, rows, capacity in groups:
+                values = _place(values, rows, critic_values(critic, sub, capacity), batch)
+            return values
+        packed = pack_batch(batch, groups[0][2])
         extra = {} if feats is None else {"logprob_features": packed.scatter(feats)}
         return packed.gather(critic(packed.input_ids, None, packed.position_ids, **extra))
     width = batch.response_mask.shape[1]

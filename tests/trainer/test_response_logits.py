@@ -50,7 +50,7 @@ class _VocabWideTensors(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("row_tokens", [24, None], ids=["packed", "padded"])
+@pytest.mark.parametrize("row_tokens", [24, 8, None], ids=["packed", "packed_long_alone", "padded"])
 @pytest.mark.parametrize("checkpoint_head", [False, True])
 def test_log_probs_entropies_and_gradients_equal_full_logits(actor, row_tokens, checkpoint_head):
     batch = _batch(actor.config.vocab_size, seed=3)
@@ -87,3 +87,35 @@ def test_no_logits_for_prompt_tokens_forward_or_backward(actor, row_tokens, chec
     assert seen.rows, "the spy saw no vocabulary-wide tensor"
     assert max(seen.rows) <= (chunk if checkpoint_head else n_resp)
     assert sum(1 for r in seen.rows if r > n_resp) == 0
+
+
+def test_sdpa_never_gets_a_mask_wider_than_a_row(actor, tiny_model_dir, monkeypatch):
+    """Sequences longer than ``row_tokens`` run alone, unpadded: SDPA gets no mask for them (causal), and every mask
+    it gets is at most ``row_tokens`` wide, so mask memory does not grow with the square of a long sequence. Values
+    and log-probs still equal the padded forward's."""
+    from vapo_pl.critic import ValueModel
+    from vapo_pl.forward import critic_values
+
+    assert actor.config._attn_implementation == "sdpa"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    masks: list[tuple | None] = []
+
+    def spy(q, k, v, attn_mask=None, *args, **kwargs):
+        masks.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    batch = _batch(actor.config.vocab_size, seed=5)
+    seq = [p + r for p, r in zip(batch.layout.prompt_lens, batch.layout.response_lens)]
+    row_tokens = 12
+    assert sum(n > row_tokens for n in seq) >= 3 and sum(n <= row_tokens for n in seq) >= 2
+    ref, _ = policy_logprobs(actor, batch, 1.0, chunk_size=64, row_tokens=None)
+    critic = ValueModel.from_pretrained(str(tiny_model_dir))
+    ref_v = critic_values(critic, batch, None)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    lp, _ = policy_logprobs(actor, batch, 1.0, chunk_size=64, row_tokens=row_tokens)
+    v = critic_values(critic, batch, row_tokens)
+    assert masks and any(m is None for m in masks)  # the long ones: causal, no mask
+    assert all(m is None or m[-1] <= row_tokens for m in masks), masks
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
+    mask = batch.response_mask  # the padded forward leaves values at padding unset
+    torch.testing.assert_close(v[mask], ref_v[mask], atol=1e-5, rtol=0)
