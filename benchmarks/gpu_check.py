@@ -20,18 +20,20 @@ Checks (each ``{"pass": bool, ...}`` in the JSON summary):
 2. ``autocast``: ``vapo_pl.diagnostics.FitProbe`` (a callback of that fit) records ``torch.is_autocast_enabled``
    in forward pre-hooks of the actor and the critic, per phase; passes when it was on in the critic's forwards of
    value pretraining and in the actor's and the critic's forwards of the update.
-3. ``host_syncs``: the same probe counts host syncs (GPU: ``torch.cuda.set_sync_debug_mode("warn")``, one per
-   warning; CPU: the Python entry points that would sync, ``vapo_pl.diagnostics.HostSyncCounter``) per RL step and
-   inside every micro-batch loop (the update's, the old log-probs', the critic-first pass'), with the lines that
-   made them; passes when the micro-batch loops made none.
+3. ``host_syncs``: the same probe counts host syncs per RL step and inside every micro-batch loop (the update's, the
+   old log-probs', the critic-first pass'), with the lines that made them (``vapo_pl.diagnostics.HostSyncCounter``;
+   GPU: ``torch.cuda.set_sync_debug_mode("warn")``, one per warning; CPU: the calls that would sync on a GPU, with
+   host and accelerator tensors told apart as the module docstring there says); passes when the micro-batch loops
+   made none.
 4. ``packed_vs_padded``: ``vapo_pl.forward.policy_logprobs`` of one batch packed (``row_tokens``) and padded
    (``None``): float32 (tolerance ``FP32_TOL``) and under bf16 autocast (``BF16_TOL`` on the largest difference);
    on GPU also with only the flash SDPA kernel allowed, where a mask that flash cannot take is recorded, not raised.
-5. ``memory_16k``: forward + backward of ``policy_logprobs`` (packed and padded) and ``critic_values`` (packed) at
-   16k tokens with vocabulary 151936 (GPU: ``torch.cuda.max_memory_allocated`` above what was allocated before)
-   under bf16 autocast with the output head in float32, as the module runs them; CPU: 1k tokens, vocabulary 32000,
-   measured as the bytes the output head returned. Passes when every measure stays below the float32 logits of all
-   the tokens (tokens x vocab x 4 bytes): the prompt's logits were not materialised.
+5. ``memory_16k``: forward + backward of ``policy_logprobs`` (packed, padded, packed with the head recomputed per
+   chunk) and ``critic_values`` (packed, padded) at 16k tokens with vocabulary 151936 on a 2-layer Qwen2 of hidden
+   size 512 (GPU: ``torch.cuda.max_memory_allocated`` above what was allocated before, under bf16 autocast with the
+   output head in float32, as the module runs them); CPU: 1k tokens, vocabulary 32000, float32, measured as the
+   bytes of every vocabulary-wide matmul output (the logits), forward and backward. Passes when every measure stays
+   below the float32 logits of all the tokens (tokens x vocab x 4 bytes): the prompt's logits were not materialised.
 
 Exit code 0 when every check passes, 1 otherwise; the JSON summary is the last line of stdout (and ``--out``).
 """
@@ -192,7 +194,8 @@ def vocab_outputs(vocab: int):
 def check_memory(device: Any, tokens: int, vocab: int, hidden: int, seqs: int, response: int) -> dict[str, Any]:
     """Forward + backward of ``policy_logprobs`` (packed, padded, packed with the head recomputed per chunk) and
     ``critic_values`` (packed, padded) on ``seqs`` sequences of ``tokens / seqs`` tokens, the last ``response`` of
-    them the response, under bf16 autocast with the output head in float32 (as ``VAPOModule`` runs them)."""
+    them the response, with the output head in float32 (as ``VAPOModule`` runs them), under bf16 autocast on GPU (on
+    CPU, where bf16 is emulated and slow, in float32: the logits counted are float32 either way)."""
     import torch
     from torch import nn
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -211,6 +214,7 @@ def check_memory(device: Any, tokens: int, vocab: int, hidden: int, seqs: int, r
     critic = ValueModel(actor.model, nn.Linear(hidden, 1)).to(device).train()  # a backbone + value head
     batch = make_batch(vocab, [prompt] * seqs, [response] * seqs, device)
     full_fp32 = tokens * vocab * 4
+    autocast = device.type == "cuda"
     chunk = min(1024, seqs * response // 4)  # at least 4 chunks for the head recomputed per chunk
     cases = {
         "policy_packed": lambda: policy_logprobs(actor, batch, 1.0, 1024, 128)[0],
@@ -222,6 +226,7 @@ def check_memory(device: Any, tokens: int, vocab: int, hidden: int, seqs: int, r
     gib = 2**30
     out: dict[str, Any] = {"tokens": tokens, "sequences": seqs, "prompt_tokens_per_seq": prompt,
                            "response_tokens_per_seq": response, "vocab": vocab, "hidden": hidden, "layers": 2,
+                           "bf16_autocast": autocast,
                            "full_logits_fp32_gib": full_fp32 / gib,
                            "prompt_logits_fp32_gib": seqs * prompt * vocab * 4 / gib,
                            "measure": "peak cuda memory above the weights and batch" if device.type == "cuda"
@@ -239,7 +244,7 @@ def check_memory(device: Any, tokens: int, vocab: int, hidden: int, seqs: int, r
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                 with vocab_outputs(vocab) as logits:
-                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         y = fn()
                     y.float().sum().backward()
                 del y
