@@ -4,8 +4,8 @@ Under FSDP2 every rank used to build actor, critic and reference model whole, in
 shard them: for a 32B actor and critic that is about 262 GB of host memory per rank. Here the models are built with
 their parameters on the meta device (``parameters_on_meta``: shapes only; buffers such as the rotary frequencies stay
 real), sharded while still empty, and then ``materialize`` gives every parameter its local shard and reads exactly
-that shard's rows from the checkpoint's safetensors files (``safe_open(...).get_slice``): each rank reads and holds
-about 1/N of each weight.
+that shard's rows from the checkpoint's safetensors files (``SafetensorsFile``, positioned reads rather than a memory
+map): each rank reads and holds about 1/N of each weight.
 
 What a model needs to be filled this way is a ``CheckpointSource`` (set by ``empty_from_pretrained``): where its
 safetensors files are and how its parameter names map to the file's keys. Parameters that are not on the meta device
@@ -123,12 +123,59 @@ def _shard_slices(p: Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Reads parts of tensors from one safetensors file with positioned reads (``os.pread``), not a memory map: a
+    mapped file's pages count in the reading process's resident memory for as long as the map lives, so reading
+    1/N of every tensor through a map still showed most of the file in each rank's RSS."""
+
+    def __init__(self, path: Path) -> None:
+        import os
+
+        self.fd = os.open(path, os.O_RDONLY)
+        header_len = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+        self.header = json.loads(os.pread(self.fd, header_len, 8))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+    def read(self, key: str, index: tuple[slice, ...]) -> Tensor:
+        """``tensor[index]`` for slices along the first dimension only (the others whole), as FSDP2 shards."""
+        import os
+
+        entry = self.header[key]
+        dtype, shape = _DTYPES[entry["dtype"]], list(entry["shape"])
+        begin, _ = entry["data_offsets"]
+        if any(s != slice(0, n) for s, n in zip(index[1:], shape[1:])):
+            raise ValueError(f"{key}: only the first dimension can be sliced, got {index}")
+        rows = index[0] if index else slice(0, 1)
+        row_bytes = (torch.tensor([], dtype=dtype).element_size() * int(torch.tensor(shape[1:]).prod())
+                     if shape else torch.tensor([], dtype=dtype).element_size())
+        count = max(0, rows.stop - rows.start) if shape else 1
+        buf = bytearray(count * row_bytes)
+        if buf:
+            view, offset, done = memoryview(buf), self.data_start + begin + rows.start * row_bytes, 0
+            while done < len(buf):
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(f"{key}: short read from the checkpoint")
+                done += n
+        flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+        return flat.view([count, *shape[1:]] if shape else [])
+
+
 def materialize(model: nn.Module, device: torch.device, on_read: Callable[[str, int], None] | None = None) -> None:
     """Allocate ``model``'s meta parameters on ``device`` (each rank its shard, when sharded) and fill them from the
     ``CheckpointSource`` of the module that owns them; everything that was real keeps its value. ``on_read(key,
     bytes)`` is told of every read (for tests and measurements)."""
-    from safetensors import safe_open
-
     sources = [(prefix, m, getattr(m, SOURCE_ATTR)) for prefix, m in model.named_modules() if hasattr(m, SOURCE_ATTR)]
     meta = {name for name, p in model.named_parameters() if _local(p).is_meta}
     if not meta:
@@ -141,7 +188,7 @@ def materialize(model: nn.Module, device: torch.device, on_read: Callable[[str, 
         for name, value in kept.items():
             _local(state[name]).copy_(value)
         with ExitStack() as stack:
-            handles: dict[Path, object] = {}
+            handles: dict[Path, SafetensorsFile] = {}
             for owner_prefix, _owner, source in sorted(sources, key=lambda s: -len(s[0])):
                 keys = source.files()
                 base = f"{owner_prefix}." if owner_prefix else ""
@@ -153,8 +200,9 @@ def materialize(model: nn.Module, device: torch.device, on_read: Callable[[str, 
                         local.zero_()
                     else:
                         if keys[key] not in handles:
-                            handles[keys[key]] = stack.enter_context(safe_open(str(keys[key]), framework="pt"))
-                        piece = handles[keys[key]].get_slice(key)[_shard_slices(p)]
+                            handles[keys[key]] = SafetensorsFile(keys[key])
+                            stack.callback(handles[keys[key]].close)
+                        piece = handles[keys[key]].read(key, _shard_slices(p))
                         local.copy_(piece.to(local.dtype))
                         if on_read is not None:
                             on_read(key, piece.numel() * piece.element_size())
