@@ -221,7 +221,7 @@ def check_memory(device: Any, tokens: int, vocab: int, hidden: int, seqs: int, r
     batch = make_batch(vocab, [prompt] * seqs, [response] * seqs, device)
     full_fp32 = tokens * vocab * 4
     autocast = device.type == "cuda"
-    chunk = min(1024, seqs * response // 4)  # at least 4 chunks for the head recomputed per chunk
+    chunk = min(1024, max(1, response // 2))  # two chunks per sequence at least: the head recomputed per chunk
     cases = {
         "policy_packed": lambda: policy_logprobs(actor, batch, 1.0, 1024, 128)[0],
         "policy_padded": lambda: policy_logprobs(actor, batch, 1.0, 1024, None)[0],
