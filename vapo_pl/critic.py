@@ -130,12 +130,15 @@ class ValueModel(nn.Module):
                     head.reset_parameters()
         return cls(backbone, head, extra)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None,
-                logprob_features: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | dict | None, position_ids: Tensor | None = None,
+                logprob_features: Tensor | None = None, **attention_kwargs) -> Tensor:
         """(B, L) ids -> (B, L) values (float32). ``logprob_features``: (B, L, 3), each position's state features
-        (``logprob_state_features``, placed where that state's value is read); required with a log-prob head."""
+        (``logprob_state_features``, placed where that state's value is read); required with a log-prob head.
+        ``attention_mask`` may be a prepared mask mapping and ``attention_kwargs`` flash-attention's varlen lengths
+        (``vapo_pl.forward.attention_inputs``); both go to the backbone."""
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            **attention_kwargs,
         ).last_hidden_state
         values = self.value_head(hidden).squeeze(-1).float()
         if self.logprob_head is not None:

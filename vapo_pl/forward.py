@@ -3,6 +3,7 @@ values, on packed rows (``row_tokens``; ``vapo_pl.packing``) or padded ones (``N
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from vapo_pl.algorithms.logprob import _ChunkedLogProbs, entropy_from_logits
 from vapo_pl.batch import RolloutBatch
 from vapo_pl.common import fp32_forward
 from vapo_pl.critic import logprob_state_features
-from vapo_pl.packing import Packed, pack, to_device
+from vapo_pl.packing import Packed, block_causal_mask, pack, segment_lengths, to_device
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -81,7 +82,8 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
         row_host, start_host = packed.host_placement
         first = row_host * columns + start_host + torch.tensor(list(layout.prompt_lens), dtype=torch.long) - 1
         index = ResponseIndex.build(first, layout.response_lens, width, packed.input_ids)
-        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids}
+        inputs = {"input_ids": packed.input_ids, "position_ids": packed.position_ids,
+                  **attention_inputs(model, packed)}
     else:
         prompt_width = batch.prompt_width
         first = torch.arange(len(batch)) * batch.input_ids.shape[1] + prompt_width - 1
@@ -100,11 +102,37 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
     return logp, ent
 
 
+def _config(model: nn.Module):
+    return getattr(getattr(model, "backbone", model), "config", None)
+
+
+def attention_inputs(model: nn.Module, packed: Packed) -> dict:
+    """The attention arguments of a packed forward, prepared from the host placement so that transformers does not
+    detect the packing itself (``find_packed_sequence_indices`` reads a device tensor back: one host sync per
+    forward). SDPA: a block-diagonal causal mask over each row (``block_causal_mask``), or none for rows that each
+    hold one sequence without padding (plain causal attention). flash-attention: no mask and the varlen lengths
+    (``cu_seq_lens_*``, ``max_length_*``). Models with other layer types (sliding windows) or other kernels get
+    position ids only, as before."""
+    config = _config(model)
+    impl = getattr(config, "_attn_implementation", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if set(layer_types) != {"full_attention"} or impl not in ("sdpa", "flash_attention_2"):
+        return {}
+    spans = segment_lengths(packed)
+    if impl == "sdpa":
+        solo = all(len(row) == 1 for row in spans)
+        return {"attention_mask": {"full_attention": None if solo else block_causal_mask(packed)}}
+    lens = [n for row in spans for n in row]
+    cu = to_device(torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32), packed.input_ids.device)
+    longest = max(lens)
+    return {"attention_mask": {"full_attention": None}, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
+
+
 def uses_varlen_attention(model: nn.Module) -> bool:
     """Whether ``model`` (a causal LM or a ``ValueModel``) attends with flash-attention, whose varlen kernel runs
     packed rows of any length without a mask."""
-    inner = getattr(model, "backbone", model)
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "flash_attention_2"
+    return getattr(_config(model), "_attn_implementation", None) == "flash_attention_2"
 
 
 def row_groups(batch: RolloutBatch, row_tokens: int, varlen: bool
@@ -210,7 +238,9 @@ def critic_values(critic: nn.Module, batch: RolloutBatch, row_tokens: int | None
             return values
         packed = pack_batch(batch, groups[0][2])
         extra = {} if feats is None else {"logprob_features": packed.scatter(feats)}
-        return packed.gather(critic(packed.input_ids, None, packed.position_ids, **extra))
+        attn = attention_inputs(critic, packed)
+        return packed.gather(critic(packed.input_ids, attn.pop("attention_mask", None), packed.position_ids,
+                                    **extra, **attn))
     width = batch.response_mask.shape[1]
     start = batch.prompt_width - 1  # the value of s_t is read at column start + t
     extra = {} if feats is None else {"logprob_features": torch.nn.functional.pad(

@@ -32,13 +32,14 @@ class Packed:
     row: Tensor  # (B,) the row of each sequence
     read_col: Tensor  # (B, T) column whose output predicts response token t (clamped into the row)
     response_mask: Tensor  # (B, T) bool, real response tokens
-    host_row: Tensor | None = None  # (B,) CPU copy of ``row``
-    host_start: Tensor | None = None  # (B,) CPU, each sequence's first column in its row
+    host_row: tuple[int, ...] = ()  # (B,) ``row``, on the host
+    host_start: tuple[int, ...] = ()  # (B,) each sequence's first column in its row
+    host_seq_lens: tuple[int, ...] = ()  # (B,) each sequence's length in tokens
 
     @property
     def host_placement(self) -> tuple[Tensor, Tensor]:
         """(row, start) of each sequence as CPU tensors: where it was placed, known without reading the device."""
-        return self.host_row, self.host_start
+        return torch.tensor(self.host_row, dtype=torch.long), torch.tensor(self.host_start, dtype=torch.long)
 
     def scatter(self, per_token: Tensor) -> Tensor:
         """(B, T, ...) -> (R, L, ...): the inverse of ``gather`` for real response tokens; zero elsewhere."""
@@ -105,8 +106,8 @@ def pack(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, row_t
     seq_lens = [p + r for p, r in zip(prompt_lens, response_lens)]
     row_l, start_l, n_rows = place(seq_lens, row_tokens)
     length = max(row_tokens, max(seq_lens)) if b else row_tokens
-    row_host, start_host = torch.tensor(row_l, dtype=torch.long), torch.tensor(start_l, dtype=torch.long)
-    row, start = to_device(row_host, device), to_device(start_host, device)
+    row = to_device(torch.tensor(row_l, dtype=torch.long), device)
+    start = to_device(torch.tensor(start_l, dtype=torch.long), device)
     prompt_len = to_device(torch.tensor(list(prompt_lens), dtype=torch.long), device)
     dump = n_rows * length  # one extra slot that receives every padding token, then is dropped
     rank = real.long().cumsum(1) - 1  # position of each real token within its sequence
@@ -117,8 +118,37 @@ def pack(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, row_t
     pos.scatter_(0, dest.flatten(), rank.clamp(min=0).flatten())
     read = (start + prompt_len - 1).unsqueeze(1) + torch.arange(t, device=device)
     return Packed(input_ids=ids[:dump].view(n_rows, length), position_ids=pos[:dump].view(n_rows, length), row=row,
-                  read_col=read.clamp(max=length - 1), response_mask=response_mask.bool(), host_row=row_host,
-                  host_start=start_host)
+                  read_col=read.clamp(max=length - 1), response_mask=response_mask.bool(), host_row=tuple(row_l),
+                  host_start=tuple(start_l), host_seq_lens=tuple(seq_lens))
+
+
+def segment_lengths(packed: Packed) -> list[list[int]]:
+    """Per row, the lengths of the spans its columns fall into, in order: each sequence, then the trailing padding
+    as one span (from the host placement; nothing is read from the device)."""
+    rows, length = packed.input_ids.shape
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(rows)]
+    for r, st, n in zip(packed.host_row, packed.host_start, packed.host_seq_lens):
+        spans[r].append((st, n))
+    out = []
+    for row in spans:
+        row.sort()
+        lens = [n for _, n in row]
+        if sum(lens) < length:
+            lens.append(length - sum(lens))
+        out.append(lens)
+    return out
+
+
+def block_causal_mask(packed: Packed) -> Tensor:
+    """(R, 1, L, L) bool, True where a column may attend: causal within each sequence of its row, as transformers
+    builds it for SDPA from restarting position ids, but from the placement instead of by reading the positions back
+    (its packed-sequence detection ends in a host sync on every forward)."""
+    pos = packed.position_ids
+    seg = (pos == 0).long().cumsum(-1)  # (R, L): sequence number within the row (each padding slot its own)
+    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)
+    length = pos.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=pos.device).tril()
+    return (same & causal).unsqueeze(1)
 
 
 def packed_targets(packed: Packed) -> Tensor:
