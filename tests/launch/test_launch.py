@@ -277,6 +277,13 @@ def test_readme_command_under_lightnings_launcher(launches, strategy):
     assert [s["policy_version"] for s in ranks[0]["steps"]] == [1, 2, 3]
     assert [r["holds_full_actor"] for r in ranks] == [True, False]  # saving gathers to rank 0 alone
     _assert_collectives_on_served_devices(ranks)
+    if strategy in ("ddp", "fsdp2"):
+        # gradients are communicated once per optimizer step: each step's critic pass and actor pass have two
+        # micro-batches each, and only the second backward of each all-reduces (DDP) or reduce-scatters (FSDP2)
+        for r in ranks:
+            for step in r["steps"]:
+                comms = step["backward_comms"]
+                assert len(comms) == 4 and comms[0] == comms[2] == 0 and comms[1] > 0 and comms[3] > 0, comms
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
