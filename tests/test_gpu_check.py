@@ -86,9 +86,6 @@ def test_cpu_run_counts_host_syncs(cpu_run):
     assert syncs["pass"] == (syncs["micro_batch"] == 0)
 
 
-# Remove this mark once the micro-batch loops make no host sync on CPU (the check itself is strict already).
-@pytest.mark.xfail(strict=False, reason="HOST_SYNCS_NOT_YET_ZERO: the micro-batch loops still make host syncs; "
-                   "see host_syncs.micro_batch_sources in the summary")
 def test_cpu_run_micro_batch_loops_make_no_host_sync(cpu_run):
     proc, summary = cpu_run
     syncs = summary["checks"]["host_syncs"]
