@@ -8,6 +8,8 @@ A bad input ends the run with one line on stderr naming the field, file or row (
   checks, the config dataclasses, paths) and ``check_run_inputs`` (output directories writable, tokenizer files
   present and producing tokens, every data file readable row by row, some training prompt short enough);
 - a ``ValueError`` from a constructor during instantiation (which loads nothing);
+- on GPUs, the memory plan (``vapo_pl.memory_plan``) against the device's memory: a run that cannot fit stops
+  with one line naming ``vapo-pl plan`` (``vapo-pl plan --config ...`` prints the whole plan);
 - jsonargparse's own parse errors, condensed to their innermost message and key path;
 - a ``ValueError`` raised while the trainer sets up (data, model directories) before training starts; the log
   directory the run created is removed again. ``VAPO_PL_TRACEBACK=1`` shows the traceback instead.
@@ -48,7 +50,8 @@ CLI_KWARGS: dict[str, Any] = {
     "parser_kwargs": {
         "description": "vapo-pl: VAPO and its sibling RL algorithms for reasoning language models, on "
         "PyTorch Lightning. Example: vapo-pl fit --config configs/vapo_qwen2.5_32b.yaml --config "
-        "configs/strategies/fsdp2.yaml --model.init_args.algorithm.eps_high=0.28",
+        "configs/strategies/fsdp2.yaml --model.init_args.algorithm.eps_high=0.28. Memory per GPU before a run: "
+        "vapo-pl plan --config ... [--gpu-memory-gb N].",
     },
 }
 
@@ -114,6 +117,12 @@ class VAPOCLI(LightningCLI):
                 check_run_inputs(cfg)
         except ConfigError as e:
             self.parser.error(str(e))
+        if sub == "fit":  # on GPUs: the memory plan against the device's memory, before any model loads
+            from vapo_pl.memory_plan import check_fits_device
+
+            too_big = check_fits_device(cfg, args)
+            if too_big:
+                self.parser.error(too_big)
 
     def instantiate_classes(self) -> None:
         # Constructors only check and store their arguments (models load in ``configure_model``), so a
@@ -258,7 +267,13 @@ def main(args: list[str] | None = None) -> int:
     """The ``vapo-pl`` console script. Returns the process exit code: 0 when the run ends, 2 for a bad input found
     while the trainer set up (one line on stderr), 1 when the run stopped itself (``RunStopped``, one line),
     143 when SIGTERM stopped the run (a checkpoint was saved if the run checkpoints). The console-script wrapper
-    passes it to ``sys.exit``."""
+    passes it to ``sys.exit``. ``vapo-pl plan ...`` prints the memory plan instead (``vapo_pl.memory_plan.main``:
+    0 fits, 1 does not, 2 bad input)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["plan"]:  # vapo-pl plan --config ...: the memory plan (vapo_pl.memory_plan), nothing loads
+        from vapo_pl.memory_plan import main as plan_main
+
+        return plan_main(argv[1:])
     try:
         run(args)
     except _RunFailedEarly as e:
