@@ -38,10 +38,12 @@ def model_loads(refuse_model_loads, monkeypatch, tmp_path):
 
 @pytest.fixture
 def base_args(tiny_model_dir):
-    """The paper config with this machine's paths and one CPU device: valid, so each test adds one mistake."""
+    """The paper config with this machine's paths and one CPU device: valid, so each test adds one mistake. The
+    config's node layout (FSDP2 with host offload, rollout tensor parallelism 8) gives way to one process."""
     return ["fit", "--config", str(PAPER), f"--model.init_args.model_path={tiny_model_dir}",
             f"--data.init_args.train_files={PROMPTS}", f"--data.init_args.val_files={HELDOUT}",
-            "--trainer.accelerator=cpu", "--trainer.devices=1"]
+            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+            "--data.init_args.engine.tensor_parallel_size=1"]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int | None, str, str]:
