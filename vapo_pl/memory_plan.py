@@ -664,6 +664,11 @@ def make_plan(setup: Setup, gpu_bytes: float) -> Plan:
         act += critic.checkpointed_kept if gc else critic.no_checkpointing
     update.append(Term("activations (actor + critic)" if critic else "activations", act,
                        note="gradient checkpointing" if gc else "no gradient checkpointing"))
+    rows, row_len = _rows(setup)
+    call_tokens = rows * row_len // forwards_per_micro_batch(setup)
+    update.append(Term("backward working set (estimate)",
+                       call_tokens * (2 * arch.intermediate + 2 * arch.hidden) * dt.compute,
+                       note="one layer's activation gradients at a time (not measured on CPU)"))
     lt, lp = logits_bytes(setup)
     update.append(Term("logits (response tokens)", lp, note="chunked, recomputed in backward" if _chunked_head(setup)
                        else "kept for backward, and their gradient"))
