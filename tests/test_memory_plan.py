@@ -122,3 +122,32 @@ def test_calibration_on_a_small_model(tmp_path):
     assert all(r.ok for r in rows), bench.table([r for r in rows if not r.ok])
     exact = [r for r in rows if "weights" in r.term or r.term == "gradients"]
     assert all(r.plan == r.measured for r in exact)
+
+
+def test_fit_stops_on_a_gpu_the_run_cannot_fit(capsys, monkeypatch, tiny_model_dir, refuse_model_loads):
+    """On GPUs ``fit`` runs the plan against the device's memory before anything loads: a device too small ends the
+    run in one line naming ``vapo-pl plan``; ``VAPO_PL_SKIP_MEMORY_PLAN`` and CPU runs skip the check."""
+    monkeypatch.setattr(sys, "argv", ["vapo-pl"])
+    monkeypatch.setattr(memory_plan, "device_memory_bytes", lambda: 1.0 * GiB)  # a 1 GiB "GPU"
+    args = ["fit", "--config", str(PAPER), f"--model.init_args.model_path={tiny_model_dir}",
+            "--data.init_args.train_files=vapo_pl/demo/data/train.jsonl", "--trainer.logger=false",
+            f"--trainer.default_root_dir={tiny_model_dir.parent / 'runs'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and refuse_model_loads == []
+    assert err.count("\n") == 1 and err.startswith("error: the run does not fit 1 GiB per GPU (")
+    assert "vapo-pl plan --config" in err and "for details" in err
+    cfg = memory_plan_namespace(args)
+    assert memory_plan.check_fits_device(cfg, args) is not None
+    monkeypatch.setenv("VAPO_PL_SKIP_MEMORY_PLAN", "1")
+    assert memory_plan.check_fits_device(cfg, args) is None
+    monkeypatch.delenv("VAPO_PL_SKIP_MEMORY_PLAN")
+    cfg.trainer.accelerator = "cpu"
+    assert memory_plan.check_fits_device(cfg, args) is None
+
+
+def memory_plan_namespace(args: list[str]):
+    from vapo_pl.cli import build_parser
+
+    return build_parser().parse_args(args).fit
