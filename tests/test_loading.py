@@ -95,3 +95,26 @@ def test_a_parameter_missing_from_the_checkpoint_is_named(mesh, tiny_model_dir, 
     save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(KeyError, match="model.norm.weight"):
         _built(str(broken), True, mesh)
+
+
+def test_bf16_mixed_gathers_decoder_layers_in_bf16_and_keeps_the_head_in_fp32(mesh, tiny_model_dir):
+    """``fully_shard_model(bf16=True)`` (``trainer.precision: bf16-mixed`` under FSDP2): inside the forward a decoder
+    layer's weights are the bf16 all-gathered ones, the output head's stay float32, and the sharded master weights
+    stay float32."""
+    from vapo_pl import VAPOModule
+    from vapo_pl.loading import materialize
+    from vapo_pl.parallel import fully_shard_model
+
+    module = VAPOModule(model_path=str(tiny_model_dir))
+    module._build_empty = True
+    module._build_models()
+    actor = module.actor
+    fully_shard_model(actor, mesh, bf16=True)
+    materialize(actor, torch.device("cpu"))
+    seen = {}
+    layer_proj = actor.model.layers[0].self_attn.q_proj
+    layer_proj.register_forward_pre_hook(lambda m, a: seen.update(layer=m.weight.dtype))
+    actor.lm_head.register_forward_pre_hook(lambda m, a: seen.update(head=m.weight.dtype))
+    actor(input_ids=torch.randint(2, 20, (2, 6)))
+    assert seen == {"layer": torch.bfloat16, "head": torch.float32}
+    assert {p.dtype for p in actor.parameters()} == {torch.float32}
