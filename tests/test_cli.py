@@ -250,3 +250,15 @@ def test_console_script_exits_zero_after_a_run(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(main(["fit"]))
     assert ran == [["fit"]] and exit_info.value.code == 0
+
+
+def test_fsdp2_cpu_offload_on_cpu_is_one_line_before_anything_loads(tiny_model_dir, tmp_path, capsys):
+    """``FSDP2Strategy(cpu_offload=True)`` offloads from an accelerator; on CPU FSDP2 would fail deep in its first
+    forward ("Cannot access accelerator device"), so the strategy refuses it while the trainer sets up."""
+    code = main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--config",
+                 str(REPO / "configs/strategies/fsdp2.yaml"), "--trainer.strategy.init_args.cpu_offload=true",
+                 f"--model.init_args.model_path={tiny_model_dir}", "--trainer.logger=false",
+                 f"--trainer.default_root_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: trainer.strategy.init_args.cpu_offload: FSDP2 offloads from GPUs"), err[-3:]

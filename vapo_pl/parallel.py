@@ -291,6 +291,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.gradient_sync = gradient_sync
 
     def setup_environment(self) -> None:
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        if self.cpu_offload and isinstance(self.accelerator, CPUAccelerator):
+            raise ValueError("trainer.strategy.init_args.cpu_offload: FSDP2 offloads from GPUs to the host; on CPU "
+                             "the states are in host memory already, set it to false")
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
