@@ -150,7 +150,7 @@ def row_groups(batch: RolloutBatch, row_tokens: int, varlen: bool
     if varlen or longest <= row_tokens:
         return [(batch, None, max(row_tokens, longest) if varlen else row_tokens)]
     short = [i for i, n in enumerate(seq) if n <= row_tokens]
-    parts = ([(short, row_tokens)] if short else []) + [([i], seq[i]) for i, n in enumerate(seq) if n > row_tokens]
+    parts = ([(short, row_tokens)] if short else []) + [([i], n) for i, n in enumerate(seq) if n > row_tokens]
     device = batch.input_ids.device
     out = []
     for rows, capacity in parts:

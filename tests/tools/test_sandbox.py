@@ -41,8 +41,8 @@ HOSTILE = {
     "memory_bomb": ("x = bytearray(2 ** 34)", "out of memory"),
     "write_outside": ("open('{repo}/escaped.txt', 'w').write('x')", "exit code"),
     "socket": ("import socket; socket.create_connection(('93.184.216.34', 80), timeout=2)", "exit code"),
-    "read_parent_env": ("import os\nfor p in os.listdir('/proc'):\n    try: print(open(f'/proc/{{p}}/environ').read())"
-                        "\n    except Exception: pass\nprint(open('/proc/{pid}/environ').read())", "exit code"),
+    "read_parent_env": (("import os\nfor p in os.listdir('/proc'):\n    try: print(open(f'/proc/{{p}}/environ').read())"
+                         "\n    except Exception: pass\nprint(open('/proc/{pid}/environ').read())"), "exit code"),
     "kill_parent": ("import os, signal; os.kill({pid}, signal.SIGKILL)", "exit code"),
     "output_flood": ("while True: print('y' * 1000)", "output over"),
 }

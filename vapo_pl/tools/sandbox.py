@@ -125,7 +125,7 @@ class Sandbox:
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     cwd=workdir, env=env if workdir else None, start_new_session=True,
-                                    preexec_fn=preexec)
+                                    preexec_fn=preexec)  # noqa: PLW1509 - only setrlimit calls, async-signal-safe
             return self._collect(proc, code, start)
         finally:
             if workdir is not None:
