@@ -79,7 +79,9 @@ class VAPOModule(pl.LightningModule):
             paper); see ``vapo_pl.critic.logprob_state_features`` and ``docs/decisions.md``.
         algorithm: every switch of VAPO and its siblings (see ``AlgorithmConfig``).
         optim: AdamW settings per model.
-        gradient_checkpointing: recompute activations in backward (saves memory on long responses).
+        gradient_checkpointing: recompute activations in backward (saves memory on long responses); the output head then
+            also runs ``logprob_chunk_size`` response tokens at a time and is recomputed in backward, so only one
+            chunk's logits exist at once.
         logprob_chunk_size: tokens per chunk when turning logits into log-probs and entropies.
         packing: run actor, critic and reference forwards padding-free: each micro-batch's sequences packed into
             rows with position ids restarting per sequence (``vapo_pl.packing``); ``False`` = padded rows.
