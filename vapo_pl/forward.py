@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from vapo_pl.algorithms.logprob import _ChunkedLogProbs, entropy_from_logits
 from vapo_pl.batch import RolloutBatch
-from vapo_pl.common import fp32_forward
+from vapo_pl.common import _fp32_linear_forward, fp32_forward
 from vapo_pl.critic import logprob_state_features
 from vapo_pl.packing import Packed, block_causal_mask, pack, segment_lengths, to_device
 
@@ -196,9 +196,7 @@ class ResponseHead:
 
     def _logits(self, head: nn.Linear, h: Tensor) -> Tensor:
         if getattr(head, "_vapo_fp32", False):
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                bias = None if head.bias is None else head.bias.float()
-                return torch.nn.functional.linear(h.float(), head.weight.float(), bias)
+            return _fp32_linear_forward(head, h)
         return torch.nn.functional.linear(h, head.weight, head.bias)
 
     def _chunk(self, head: nn.Linear, h: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

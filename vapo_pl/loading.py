@@ -15,6 +15,7 @@ safetensors files are and how its parameter names map to the file's keys. Parame
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -67,10 +68,9 @@ class CheckpointSource:
         if not single.is_file():
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json (sharded "
                                     "loading reads safetensors checkpoints only)")
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        f = SafetensorsFile(single)
+        f.close()
+        return dict.fromkeys(f.header, single)
 
     def key_for(self, name: str, keys: dict[str, Path]) -> str | None:
         if name in self.renames:
@@ -157,8 +157,7 @@ class SafetensorsFile:
         if any(s != slice(0, n) for s, n in zip(index[1:], shape[1:])):
             raise ValueError(f"{key}: only the first dimension can be sliced, got {index}")
         rows = index[0] if index else slice(0, 1)
-        row_bytes = (torch.tensor([], dtype=dtype).element_size() * int(torch.tensor(shape[1:]).prod())
-                     if shape else torch.tensor([], dtype=dtype).element_size())
+        row_bytes = torch.tensor([], dtype=dtype).element_size() * math.prod(shape[1:])
         count = max(0, rows.stop - rows.start) if shape else 1
         buf = bytearray(count * row_bytes)
         if buf:

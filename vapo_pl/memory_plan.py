@@ -384,7 +384,7 @@ def _cuda_count() -> int:
         import torch
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001  (a broken driver: plan for one device)
+    except RuntimeError:  # a broken driver: plan for one device
         return 0
 
 
@@ -956,7 +956,7 @@ def device_memory_bytes() -> float | None:
 
         if torch.cuda.is_available():
             return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    except Exception:  # noqa: BLE001
+    except RuntimeError:  # a CUDA that cannot be initialised: no device to plan for
         return None
     return None
 

@@ -32,7 +32,6 @@ def _processes() -> set[str]:
 def test_plain_code_runs_as_an_unprivileged_user_in_an_empty_directory(box):
     r = box.run_python("import os; print(6 * 7, os.getuid() != 0, os.listdir('.'), sorted(os.environ))")
     assert r.ok and r.output == "42 True [] ['HOME', 'LANG', 'PATH']"
-    assert r.seconds < 2.0
 
 
 HOSTILE = {

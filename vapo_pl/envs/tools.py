@@ -51,26 +51,21 @@ def parse_tool_calls(text: str, tag: str | None = None) -> list[tuple[str, dict[
 
 def tool_response_text(tokenizer: Any, content: str) -> str:
     """The text between the end of an assistant turn and the start of the next one that answers with ``content``,
-    as the tokenizer's chat template writes a ``tool`` message (Qwen2.5: ``<|im_start|>user\\n<tool_response>\\n...
-    </tool_response><|im_end|>\\n<|im_start|>assistant\\n``, once the assistant turn's own ``<|im_end|>`` is there)."""
+    as the tokenizer's chat template writes a ``tool`` message (Qwen2.5: ``<|im_start|>user\n<tool_response>\n...
+    </tool_response><|im_end|>\n<|im_start|>assistant\n``, once the assistant turn's own ``<|im_end|>`` is there).
+    A template that does not know the ``tool`` role (it would render it as another role) gets
+    ``<tool_response>...</tool_response>`` and its generation prompt; no template, the bare tags."""
     base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    template = getattr(tokenizer, "chat_template", None) or ""
-    try:
-        if "tool" not in template:  # a template that does not know the role would render it as another one
-            raise ValueError("no tool role")
-        before = tokenizer.apply_chat_template(base, tokenize=False)
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return f"\n<tool_response>\n{content}\n</tool_response>\n"
+    before = tokenizer.apply_chat_template(base, tokenize=False)
+    if "tool" in template:
         after = tokenizer.apply_chat_template([*base, {"role": "tool", "content": content}], tokenize=False,
                                               add_generation_prompt=True)
         if after.startswith(before) and content in after[len(before):]:
             return after[len(before):]
-    except Exception:  # noqa: BLE001, S110 - a template without the tool role: the fallback below
-        pass
-    prompt = ""
-    try:
-        prompt = tokenizer.apply_chat_template(base, tokenize=False, add_generation_prompt=True)[
-            len(tokenizer.apply_chat_template(base, tokenize=False)):]
-    except Exception:  # noqa: BLE001, S110 - no chat template at all
-        pass
+    prompt = tokenizer.apply_chat_template(base, tokenize=False, add_generation_prompt=True)[len(before):]
     return f"\n<tool_response>\n{content}\n</tool_response>\n{prompt}"
 
 

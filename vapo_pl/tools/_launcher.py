@@ -38,16 +38,22 @@ def main() -> None:
     os.makedirs(work)
     uid, gid = cfg["uid"], cfg["gid"]
     os.chown(work, uid, gid)
-    limits = {resource.RLIMIT_AS: cfg["memory_mb"] * 2**20, resource.RLIMIT_CPU: cfg["cpu_s"],
-              resource.RLIMIT_NPROC: cfg["nproc"], resource.RLIMIT_FSIZE: cfg["disk_mb"] * 2**20,
-              resource.RLIMIT_NOFILE: 64, resource.RLIMIT_CORE: 0}
-    for what, value in limits.items():
-        resource.setrlimit(what, (value, value))
+    set_limits(cfg["memory_mb"], cfg["cpu_s"], cfg["disk_mb"], cfg["nproc"])
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
     os.chdir(work)
     os.execve(cfg["python"], [cfg["python"], "-I", "-"], cfg["env"])
+
+
+def set_limits(memory_mb: int, cpu_s: int, disk_mb: int, nproc: int | None) -> None:
+    """The call's resource limits (``nproc`` None: not set, e.g. for root, which ignores it)."""
+    limits = {resource.RLIMIT_AS: memory_mb * 2**20, resource.RLIMIT_CPU: cpu_s, resource.RLIMIT_FSIZE: disk_mb * 2**20,
+              resource.RLIMIT_NOFILE: 64, resource.RLIMIT_CORE: 0}
+    if nproc is not None:
+        limits[resource.RLIMIT_NPROC] = nproc
+    for what, value in limits.items():
+        resource.setrlimit(what, (value, value))
 
 
 def _mount(libc, source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -56,4 +62,5 @@ def _mount(libc, source: str, target: str, fstype: str | None, flags: int, data:
         sys.exit(f"sandbox: cannot mount {source} on {target} (errno {ctypes.get_errno()})")
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -180,17 +180,11 @@ class Sandbox:
 
 
 def _limits_in_child(lim: SandboxLimits):
-    def apply() -> None:
-        import resource
+    from vapo_pl.tools._launcher import set_limits
 
-        for what, value in {resource.RLIMIT_AS: lim.memory_mb * 2**20, resource.RLIMIT_CPU: lim.cpu_s,
-                            resource.RLIMIT_FSIZE: lim.disk_mb * 2**20, resource.RLIMIT_NOFILE: 64,
-                            resource.RLIMIT_CORE: 0}.items():
-            resource.setrlimit(what, (value, value))
-        if os.getuid() != 0:  # root ignores RLIMIT_NPROC; a non-root user's count includes its other processes
-            resource.setrlimit(resource.RLIMIT_NPROC, (lim.nproc + 256, lim.nproc + 256))
-
-    return apply
+    # root ignores RLIMIT_NPROC; a non-root user's count includes its other processes, hence the margin
+    nproc = None if os.getuid() == 0 else lim.nproc + 256
+    return lambda: set_limits(lim.memory_mb, lim.cpu_s, lim.disk_mb, nproc)
 
 
 def _kill(proc: subprocess.Popen) -> None:
