@@ -67,12 +67,11 @@ def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float, c
     if row_tokens is not None:
         groups = row_groups(batch, row_tokens, varlen=uses_varlen_attention(model))
         if len(groups) > 1:
-            logp = ent = None
-            for sub, rows, capacity in groups:
-                lp, e = policy_logprobs(model, sub, temperature, chunk_size, capacity, with_entropy, checkpoint_head)
-                logp = _place(logp, rows, lp, batch)
-                ent = _place(ent, rows, e, batch) if with_entropy else None
-            return logp, ent
+            parts = [policy_logprobs(model, sub, temperature, chunk_size, capacity, with_entropy, checkpoint_head)
+                     for sub, _, capacity in groups]
+            rows = [r for _, r, _ in groups]
+            return (_assemble(rows, [lp for lp, _ in parts], len(batch)),
+                    _assemble(rows, [e for _, e in parts], len(batch)) if with_entropy else None)
         row_tokens = groups[0][2]
     layout = batch.layout
     width = batch.response_mask.shape[1]
@@ -159,11 +158,11 @@ def row_groups(batch: RolloutBatch, row_tokens: int, varlen: bool
     return out
 
 
-def _place(full: Tensor | None, rows: Tensor, part: Tensor, batch: RolloutBatch) -> Tensor:
-    """``full`` (B, T, ...) with rows ``rows`` set to ``part`` (out of place, so gradients flow to every part)."""
-    if full is None:
-        full = part.new_zeros((len(batch), *part.shape[1:]))
-    return full.index_put((rows,), part)
+def _assemble(rows: list[Tensor], parts: list[Tensor], n: int) -> Tensor:
+    """(n, T, ...) from the groups' parts, each at its rows: one out-of-place index_put, so gradients reach every
+    part."""
+    part = torch.cat(parts)
+    return part.new_zeros((n, *part.shape[1:])).index_put((torch.cat(rows),), part)
 
 
 class ResponseHead:
@@ -230,10 +229,8 @@ def critic_values(critic: nn.Module, batch: RolloutBatch, row_tokens: int | None
     if row_tokens is not None:
         groups = row_groups(batch, row_tokens, varlen=uses_varlen_attention(critic))
         if len(groups) > 1:
-            values = None
-            for sub, rows, capacity in groups:
-                values = _place(values, rows, critic_values(critic, sub, capacity), batch)
-            return values
+            return _assemble([r for _, r, _ in groups], [critic_values(critic, sub, cap) for sub, _, cap in groups],
+                             len(batch))
         packed = pack_batch(batch, groups[0][2])
         extra = {} if feats is None else {"logprob_features": packed.scatter(feats)}
         attn = attention_inputs(critic, packed)
