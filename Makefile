@@ -8,7 +8,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: test demo venv
+.PHONY: test demo demo-tools venv
 
 venv: $(STAMP)
 
@@ -29,3 +29,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python -m vapo_pl.demo.prepare
 	$(VENV)/bin/vapo-pl fit --config configs/demo.yaml
+
+# The multi-turn demo: the calculator task (base policy built on first use), trained with VAPO on CPU.
+demo-tools: $(STAMP)
+	$(VENV)/bin/python -m vapo_pl.demo.prepare --task tools
+	$(VENV)/bin/vapo-pl fit --config configs/demo_tools.yaml

@@ -233,15 +233,21 @@ class Evaluation(pl.Callback):
         else:
             rank, world = _world()
             mine = list(range(total))[rank::world]
-        sums = torch.zeros(7, dtype=torch.float64)
+        sums = torch.zeros(9, dtype=torch.float64)
         sampling = lambda first: self.sampling(datamodule, step, first)  # noqa: E731
         for batch in datamodule.evaluate(mine, sampling, self.prompts_per_call):
             extracted = [m.get("extracted") for m in batch.metadata] if batch.metadata else [None] * len(batch)
-            sums += self.problem_sums(batch.correct, extracted, batch.lengths, batch.truncated)
-        mean, pas, maj, n_problems, len_sum, n_samples, n_trunc = _sum_across_ranks(sums).tolist()
+            sums[:7] += self.problem_sums(batch.correct, extracted, batch.lengths, batch.truncated)
+            if batch.observation_mask is not None:  # multi-turn episodes: turns and tool use
+                sums[7] += sum(m.get("turns", 0) for m in batch.metadata)
+                sums[8] += sum(m.get("tool_calls", 0) > 0 for m in batch.metadata)
+        mean, pas, maj, n_problems, len_sum, n_samples, n_trunc, turns, tooled = _sum_across_ranks(sums).tolist()
         names = self.metric_names()
         metrics = dict(zip(names, [mean / n_problems, pas / n_problems, maj / n_problems, len_sum / n_samples,
                                    n_trunc / n_samples]))
+        if getattr(datamodule, "environment", None) is not None:
+            metrics[f"eval/{self.name}_turns_mean"] = turns / n_samples
+            metrics[f"eval/{self.name}_tool_call_rate"] = tooled / n_samples
         self.history.append({"step": step, **metrics})
         return metrics
 
@@ -296,14 +302,16 @@ class Evaluation(pl.Callback):
         """``held-out 'heldout' at step 10: mean@4 0.794  pass@4 0.955  maj@4 0.870``."""
         prefix = f"eval/{self.name}_"
         shown = "  ".join(f"{name} {metrics[prefix + name]:.3f}"
-                          for name in (f"mean@{self.k}", f"pass@{self.k}", f"maj@{self.k}"))
+                          for name in (f"mean@{self.k}", f"pass@{self.k}", f"maj@{self.k}", "tool_call_rate")
+                          if prefix + name in metrics)
         return f"held-out '{self.name}' at step {step}: {shown}"
 
     def summary(self) -> str:
         """One line per metric: first evaluation (the base policy when ``at_start``) -> last."""
         first, last = self.history[0], self.history[-1]
         lines = [f"held-out evaluation '{self.name}': step {int(first['step'])} -> step {int(last['step'])}"]
-        for key in self.metric_names():
+        extra = [k for k in last if k.endswith(("_turns_mean", "_tool_call_rate"))]
+        for key in [*self.metric_names(), *extra]:
             if key in first and key in last:
                 lines.append(f"  {key:32s} {first[key]:.3f} -> {last[key]:.3f}")
         return "\n".join(lines)

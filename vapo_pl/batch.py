@@ -19,10 +19,12 @@ class HostLayout:
 
     @classmethod
     def of(cls, attention_mask: Tensor, response_mask: Tensor) -> HostLayout:
-        """From the batch's masks (a device-to-host copy if they live on an accelerator)."""
+        """From the batch's masks (a device-to-host copy if they live on an accelerator). The response length counts
+        every real token after the prompt: a multi-turn episode's observation tokens too."""
         width = response_mask.shape[1]
-        prompt = attention_mask[:, : attention_mask.shape[1] - width].sum(1)
-        return cls(prompt_lens=tuple(prompt.tolist()), response_lens=tuple(response_mask.sum(1).tolist()))
+        split = attention_mask.shape[1] - width
+        prompt, response = attention_mask[:, :split].sum(1), attention_mask[:, split:].sum(1)
+        return cls(prompt_lens=tuple(prompt.tolist()), response_lens=tuple(response.tolist()))
 
     def select(self, rows: list[int]) -> HostLayout:
         return HostLayout(tuple(self.prompt_lens[i] for i in rows), tuple(self.response_lens[i] for i in rows))
@@ -35,20 +37,28 @@ class RolloutBatch:
     Layout: prompts are left-padded to width ``P``, responses right-padded to width ``T``, and
     ``input_ids = cat(prompt, response)`` so that the response logits are a single slice.
     ``B`` counts samples (prompts x samples per prompt).
+
+    A multi-turn episode's "response" is every turn after the prompt: the policy's sampled tokens and the
+    environment's observation tokens between them. ``response_mask`` marks the policy's tokens only (every loss,
+    entropy, KL and value term reads it), ``observation_mask`` the observations (context, never trained on), and
+    ``attention_mask`` both; ``lengths`` counts both, so the episode's last token is its last policy token.
     """
 
     input_ids: Tensor  # (B, P + T) long, prompt left-padded then response right-padded
     attention_mask: Tensor  # (B, P + T) long, 1 on real prompt and response tokens
-    response_mask: Tensor  # (B, T) bool, True on response tokens (EOS included)
-    rollout_logprobs: Tensor  # (B, T) float, the sampler's log-probabilities (0 on padding)
+    response_mask: Tensor  # (B, T) bool, True on the policy's response tokens (EOS included)
+    rollout_logprobs: Tensor  # (B, T) float, the sampler's log-probabilities (0 on padding and observations)
     scores: Tensor  # (B,) float, total sequence reward (sum of the reward terms)
     correct: Tensor  # (B,) bool, verifier says correct (drives accuracy and the positive-example NLL)
-    lengths: Tensor  # (B,) long, response length in tokens
+    lengths: Tensor  # (B,) long, response length in tokens (multi-turn: policy and observation tokens)
     truncated: Tensor  # (B,) bool, stopped by max_tokens rather than EOS
     group_index: Tensor  # (B,) long, which prompt of this batch the sample answers
     weight_version: int  # policy version (number of weight syncs) that generated the batch
     reward_terms: dict[str, Tensor] = field(default_factory=dict)  # name -> (B,) float
     baseline_scores: Tensor | None = None  # (B,) float, ReMax: score of the greedy response
+    # multi-turn episodes only (None for single-turn rollouts):
+    observation_mask: Tensor | None = None  # (B, T) bool, True on observation tokens (tool results, env replies)
+    turn_rewards: Tensor | None = None  # (B, T) float, per-turn rewards on each turn's last policy token (in scores)
     metadata: list[dict[str, Any]] = field(default_factory=list)  # per sample: prompt, response, answer...
     stats: dict[str, float] = field(default_factory=dict)  # rollout-side metrics (dropped prompts, kept share...)
     # lengths on the host (``HostLayout``), set where the batch is built on the CPU and carried by ``to``/``select``
@@ -64,6 +74,11 @@ class RolloutBatch:
         if self.host is None:
             self.host = HostLayout.of(self.attention_mask, self.response_mask)
         return self.host
+
+    @property
+    def token_mask(self) -> Tensor:
+        """(B, T) bool: every real token after the prompt (the policy's and the observations')."""
+        return self.response_mask if self.observation_mask is None else self.response_mask | self.observation_mask
 
     @property
     def prompt_width(self) -> int:

@@ -31,6 +31,8 @@ from vapo_pl.ptx import load_ptx, next_ptx_batch
 from vapo_pl.rewards.base import CompositeReward, RewardTerm
 from vapo_pl.rollout.base import RolloutEngine, Sampling
 from vapo_pl.rollout.config import EngineConfig
+from vapo_pl.envs.base import EpisodeLimits
+from vapo_pl.rollout.multi_turn import EnvironmentSpec, MultiTurnRollout
 from vapo_pl.rollout.single_turn import SingleTurnRollout, concat_groups
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,12 @@ class RolloutDataModule(pl.LightningDataModule):
         ptx_max_length: PPO-ptx sequences are cut to this many tokens (default: prompt + response length).
         shuffle: reshuffle prompts every epoch.
         seed: base seed for shuffling and sampling (each rank and step derive their own).
+        environment: multi-turn episodes instead of one response per prompt: an ``Environment`` subclass by import
+            path (or ``tools`` for ``vapo_pl.envs.ToolEnvironment``), or ``{name, kwargs}``; see
+            ``vapo_pl.rollout.multi_turn``. ``max_response_length`` then bounds all turns and observations together,
+            and ``reward: []`` leaves the reward to the environment.
+        episode: limits of a multi-turn episode (``max_turns``, ``max_total_tokens``, ``max_observation_tokens``).
+        env_workers: threads that run the environments' steps of one turn concurrently.
     """
 
     def __init__(
@@ -117,6 +125,9 @@ class RolloutDataModule(pl.LightningDataModule):
         ptx_max_length: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        environment: str | dict | None = None,
+        episode: EpisodeLimits | dict | None = None,
+        env_workers: int = 8,
     ) -> None:
         super().__init__()
         for name, value, lo in (
@@ -127,6 +138,7 @@ class RolloutDataModule(pl.LightningDataModule):
             ("max_sampling_rounds", max_sampling_rounds, 1),
             ("ptx_batch_size", ptx_batch_size, 1),
             ("ptx_max_length", ptx_max_length if ptx_max_length is not None else 2, 2),
+            ("env_workers", env_workers, 1),
         ):
             if value < lo:
                 raise ValueError(f"data.{name} must be >= {lo}, got {value}")
@@ -156,7 +168,10 @@ class RolloutDataModule(pl.LightningDataModule):
         self.max_sampling_rounds = max_sampling_rounds
         self.reward_terms = reward if reward is not None else [RewardTerm(name="math_verify")]
         self.reward_terms = [RewardTerm(**t) if isinstance(t, dict) else t for t in self.reward_terms]
-        self.reward_fn = CompositeReward(self.reward_terms)
+        if not self.reward_terms and environment is None:
+            raise ValueError("data.reward is empty: give at least one reward term (an empty list is for "
+                             "data.environment, whose rewards are then the only ones)")
+        self.reward_fn = CompositeReward(self.reward_terms) if self.reward_terms else None
         self.engine_config = EngineConfig(**engine) if isinstance(engine, dict) else engine or EngineConfig()
         self.model_path = model_path
         self.greedy_baseline = greedy_baseline
@@ -186,7 +201,14 @@ class RolloutDataModule(pl.LightningDataModule):
         self.epoch = 0
         self.cursor = 0
         self.batches_served = 0
-        self.rollout = SingleTurnRollout(self)  # generation, scoring and dynamic-sampling rounds
+        self.episode = EpisodeLimits(**episode) if isinstance(episode, dict) else episode or EpisodeLimits()
+        self.environment = None if environment is None else EnvironmentSpec.parse(environment)
+        self.rollout = SingleTurnRollout(self) if self.environment is None else \
+            MultiTurnRollout(self, self.environment, self.episode, env_workers)  # generation, scoring, rounds
+        if self.environment is not None and self.tensor_parallel_size > 1:
+            raise ValueError("data.environment: multi-turn episodes with engine.tensor_parallel_size > 1 are not "
+                             "supported yet (the ranks of a tensor-parallel group would have to step the same "
+                             "environments in lockstep)")
 
     # ----------------------------------------------------------------- wiring
     def connect(self, module: pl.LightningModule, actor: torch.nn.Module | None = None) -> None:

@@ -247,7 +247,7 @@ def pack_batch(batch: RolloutBatch, row_tokens: int) -> Packed:
     # Pad slots hold token 0: they come after every real token of their row, so causal attention keeps them
     # out of every output that is read.
     layout = batch.layout
-    return pack(batch.input_ids, batch.attention_mask, batch.response_mask, row_tokens, pad_id=0,
+    return pack(batch.input_ids, batch.attention_mask, batch.token_mask, row_tokens, pad_id=0,
                 prompt_lens=layout.prompt_lens, response_lens=layout.response_lens)
 
 

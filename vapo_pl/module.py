@@ -220,10 +220,15 @@ class VAPOModule(pl.LightningModule):
         return resolve_attn_implementation(self.attn_implementation)
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
-        """(B, T) rewards per response token: the sequence score on its last token (sparse reward)."""
+        """(B, T) rewards per response token: the sequence score on its last token (sparse reward). A multi-turn
+        episode's turn rewards stay on each turn's last policy token and the rest of its return goes on its last
+        token (a policy token), so a sequence's token rewards still sum to its score."""
         rewards = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.scores.device)
         last = (batch.lengths - 1).clamp(min=0).unsqueeze(1)
-        return rewards.scatter_(1, last, batch.scores.float().unsqueeze(1))
+        if batch.turn_rewards is None:
+            return rewards.scatter_(1, last, batch.scores.float().unsqueeze(1))
+        outcome = batch.scores.float() - batch.turn_rewards.sum(1)
+        return rewards.scatter_(1, last, outcome.unsqueeze(1)) + batch.turn_rewards.float()
 
     # ------------------------------------------------------------------ models
     @property

@@ -74,6 +74,28 @@ def test_calculator_evaluates_arithmetic_and_refuses_the_rest(box):
         assert not r.ok and r.observation().startswith("error:"), bad
 
 
+def test_calculator_worker_is_long_lived_and_replaced_when_it_dies(box):
+    """The calculator runs in one sandboxed worker: a worker killed from outside is replaced by the next call, and a
+    call that overruns its wall time is answered with an error and its worker killed, nothing left running."""
+    import os
+    import signal
+
+    assert box.calculate("1 + 1").output == "2"
+    pid, before = box._calc.pid, box.restarts
+    assert box.calculate("2 * 21").output == "42" and box._calc.pid == pid  # the same worker
+    os.kill(pid, signal.SIGKILL)
+    box._calc.wait()
+    assert box.calculate("6 * 7").output == "42" and box.restarts == before + 1 and box._calc.pid != pid
+    hurried = Sandbox(SandboxLimits(wall_s=1e-6))
+    r = hurried.calculate("1 + 2")
+    assert r.error.startswith("timed out") and r.observation().startswith("error:")
+    assert hurried._calc is None  # killed and reaped
+    hurried.limits = LIMITS
+    assert hurried.calculate("1 + 2").output == "3" and hurried.restarts == 2
+    hurried.close()
+    assert hurried._calc is None
+
+
 def test_process_mode_keeps_the_limits_and_warns_once(caplog, tmp_path):
     """Where namespaces are not available: time, memory and output limits still hold, and a warning says what is
     missing (forced here with ``isolation="process"``, which does not warn, and ``auto`` with the probe failing)."""

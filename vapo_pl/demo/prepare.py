@@ -2,6 +2,7 @@
 
 python -m vapo_pl.demo.prepare               # the demo task: .cache/demo/base (configs/demo.yaml)
 python -m vapo_pl.demo.prepare --task long   # the long task: .cache/demo/base-long (configs/demo_long.yaml)
+python -m vapo_pl.demo.prepare --task tools  # the calculator task: .cache/demo/base-tools (configs/demo_tools.yaml)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from vapo_pl.demo.base_policy import BaseSpec, default_cache_dir, ensure_base_policy
 
-LINKS = {"demo": "base", "long": "base-long"}
+LINKS = {"demo": "base", "long": "base-long", "tools": "base-tools"}
 
 
 def task_spec(name: str) -> BaseSpec:
@@ -23,14 +24,22 @@ def task_spec(name: str) -> BaseSpec:
         from vapo_pl.demo.long import BASE
 
         return BASE
+    if name == "tools":
+        from vapo_pl.demo.tools import ToolSpec
+
+        return ToolSpec().base
     raise ValueError(f"task must be one of {', '.join(LINKS)}, got {name!r}")
 
 
 def prepare(cache_dir: str | Path | None = None, task: str = "demo") -> Path:
-    spec = task_spec(task)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     t0 = time.time()
-    path = ensure_base_policy(cache, spec, verbose=True)
+    if task == "tools":
+        from vapo_pl.demo.tools import ensure_tool_policy
+
+        path = ensure_tool_policy(cache, verbose=True)
+    else:
+        path = ensure_base_policy(cache, task_spec(task), verbose=True)
     link = cache / LINKS[task]
     if link.is_symlink() and link.resolve() == path.resolve():
         print(f"base policy: {path} (cached, {time.time() - t0:.1f} s)", flush=True)

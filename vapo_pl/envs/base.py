@@ -24,15 +24,20 @@ from vapo_pl.prompts import PromptRecord
 @dataclass(frozen=True)
 class EpisodeLimits:
     """``max_turns`` policy turns; ``max_total_tokens`` prompt + turns + observations; ``max_observation_tokens`` per
-    observation (a longer one is cut to that many tokens)."""
+    observation (a longer one is cut to that many tokens); ``max_turn_tokens`` per policy turn (None: only the
+    episode's budget). A turn cut by ``max_turn_tokens`` still goes to the environment (which may answer that it
+    was too long); a turn or observation that would pass the episode's budget ends the episode as truncated."""
 
     max_turns: int = 4
     max_total_tokens: int = 1024
     max_observation_tokens: int = 256
+    max_turn_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_turns", "max_total_tokens", "max_observation_tokens"):
+        for name in ("max_turns", "max_total_tokens", "max_observation_tokens", "max_turn_tokens"):
             value = getattr(self, name)
+            if name == "max_turn_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.episode.{name} must be an integer >= 1, got {value!r}")
 
@@ -51,8 +56,12 @@ class StepResult:
 
 
 class Environment(ABC):
-    """One episode's state; the rollout builds one per sample with ``make`` and calls ``reset`` once, then ``step``
-    after each policy turn until ``done`` or a limit."""
+    """One episode's state. The rollout builds one per episode (``data.environment``: the class and its
+    ``kwargs``), sets ``tokenizer`` to the policy's tokenizer, calls ``reset`` once, then ``step`` after each policy
+    turn until ``done`` or a limit, and ``close`` at the end. Steps of different episodes run in parallel threads:
+    keep per-episode state on the instance."""
+
+    tokenizer: Any = None  # the policy's tokenizer, set before ``reset``
 
     @abstractmethod
     def reset(self, record: PromptRecord, prompt: str) -> str:

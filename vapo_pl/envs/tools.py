@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from vapo_pl.envs.base import Environment, StepResult
 from vapo_pl.prompts import PromptRecord
-from vapo_pl.tools.sandbox import Sandbox, ToolResult
+from vapo_pl.tools.sandbox import Sandbox, SandboxLimits, ToolResult
 
 _QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
@@ -74,13 +75,27 @@ class ToolEnvironment(Environment):
     order and answered together. A call of an unknown tool, or with missing arguments, is answered with an error
     observation (counted in ``tool_errors``), as is a call whose run failed."""
 
-    def __init__(self, tokenizer: Any, sandbox: Sandbox, tag: str | None = None,
-                 tools: dict[str, Callable[[Sandbox, dict[str, Any]], ToolResult]] | None = None,
-                 max_calls_per_turn: int = 4) -> None:
-        self.tokenizer, self.sandbox, self.tag = tokenizer, sandbox, tag
-        self.tools = tools or {"calculator": _calculator, "python": _python}
+    def __init__(self, tokenizer: Any = None, sandbox: Sandbox | None = None, tag: str | None = None,
+                 tools: list[str] | dict[str, Callable[[Sandbox, dict[str, Any]], ToolResult]] | None = None,
+                 max_calls_per_turn: int = 4, limits: dict[str, Any] | None = None) -> None:
+        """``tools``: names of the built-in tools (``calculator``, ``python``; default both) or a mapping of names
+        to functions ``(sandbox, arguments) -> ToolResult``. ``tag``: read calls as ``<tag>...</tag>`` (a call of
+        the calculator, unless a tool has that name). ``limits``: ``SandboxLimits`` fields for the shared sandbox
+        (when ``sandbox`` is not given)."""
+        self.tokenizer, self.tag = tokenizer, tag
+        self.sandbox = sandbox if sandbox is not None else shared_sandbox(**(limits or {}))
+        if tools is None or isinstance(tools, (list, tuple)):
+            names = list(tools) if tools is not None else list(BUILTIN_TOOLS)
+            unknown = [t for t in names if t not in BUILTIN_TOOLS]
+            if unknown:
+                raise ValueError(f"ToolEnvironment.tools: no built-in tool {unknown[0]!r} "
+                                 f"(built-in: {', '.join(BUILTIN_TOOLS)})")
+            tools = {t: BUILTIN_TOOLS[t] for t in names}
+        self.tools = dict(tools)
         if tag is not None and tag not in self.tools:
-            self.tools = {**self.tools, tag: self.tools["calculator"]}
+            self.tools[tag] = _calculator
+        if max_calls_per_turn < 1:
+            raise ValueError(f"ToolEnvironment.max_calls_per_turn must be >= 1, got {max_calls_per_turn}")
         self.max_calls_per_turn = max_calls_per_turn
 
     def reset(self, record: PromptRecord, prompt: str) -> str:
@@ -132,3 +147,18 @@ def _python(sandbox: Sandbox, args: dict[str, Any]) -> ToolResult:
     if not isinstance(code, str):
         raise TypeError('needs "code": a string')
     return sandbox.run_python(code)
+
+
+BUILTIN_TOOLS: dict[str, Callable[[Sandbox, dict[str, Any]], ToolResult]] = {"calculator": _calculator,
+                                                                             "python": _python}
+_SANDBOXES: dict[SandboxLimits, Sandbox] = {}
+_SANDBOX_LOCK = threading.Lock()
+
+
+def shared_sandbox(**limits: Any) -> Sandbox:
+    """One ``Sandbox`` per set of limits in this process (episodes share it; every call is its own process)."""
+    key = SandboxLimits(**limits)
+    with _SANDBOX_LOCK:
+        if key not in _SANDBOXES:
+            _SANDBOXES[key] = Sandbox(key)
+        return _SANDBOXES[key]

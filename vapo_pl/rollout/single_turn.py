@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 from vapo_pl.batch import RolloutBatch
 from vapo_pl.common import derive_seed, max_across_ranks
 from vapo_pl.prompts import PromptRecord
-from vapo_pl.rewards.base import RewardInput, complete_reward
+from vapo_pl.rewards.base import RewardInput, RewardOutput, complete_reward
 from vapo_pl.rollout.base import Completion, Sampling
 
 if TYPE_CHECKING:
@@ -161,11 +161,7 @@ class SingleTurnRollout:
             max_response_length=dm.max_response_length,
             metadata=[records[i].extra for i in sample_prompt],
         )
-        if dm._module is not None and hasattr(dm._module, "compute_reward"):
-            result = complete_reward(dm._module.compute_reward(reward_input, dm.reward_fn), len(comps),
-                                     f"{type(dm._module).__name__}.compute_reward")
-        else:
-            result = complete_reward(dm.reward_fn(reward_input), len(comps), "reward")
+        result = self.reward(reward_input, len(comps))
         pad = dm._pad_id()
         prompt_t = pad_sequence([torch.tensor(prompt_ids[i]) for i in sample_prompt], batch_first=True,
                                 padding_value=pad, padding_side="left")
@@ -200,6 +196,15 @@ class SingleTurnRollout:
         )
 
 
+    def reward(self, inputs: RewardInput, b: int) -> RewardOutput:
+        """The ``b`` samples' rewards: the module's ``compute_reward`` hook if it has one, else the reward terms."""
+        dm = self.dm
+        if dm._module is not None and hasattr(dm._module, "compute_reward"):
+            return complete_reward(dm._module.compute_reward(inputs, dm.reward_fn), b,
+                                   f"{type(dm._module).__name__}.compute_reward")
+        return complete_reward(dm.reward_fn(inputs), b, "reward")
+
+
 def informative_groups(scores: torch.Tensor, group_index: torch.Tensor, n_groups: int) -> torch.Tensor:
     """(G,) bool: groups whose rewards are not all equal (DAPO's dynamic-sampling filter)."""
     hi = torch.full((n_groups,), -torch.inf).scatter_reduce(0, group_index, scores, "amax")
@@ -212,7 +217,9 @@ def concat_groups(parts: list[RolloutBatch], n_groups: int, pad_id: int) -> Roll
     parts = [p for p in parts if len(p)]
     pw = max(p.prompt_width for p in parts)
     rw = max(p.response_mask.shape[1] for p in parts)
-    cols: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "rollout_logprobs")}
+    cols: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "rollout_logprobs",
+                                             "observation_mask", "turn_rewards")}
+    multi_turn = parts[0].observation_mask is not None
     offset = 0
     groups, rest = [], []
     for p in parts:
@@ -226,6 +233,9 @@ def concat_groups(parts: list[RolloutBatch], n_groups: int, pad_id: int) -> Roll
             torch.nn.functional.pad(am[:, p.prompt_width :], (0, lr))], 1))
         cols["response_mask"].append(torch.nn.functional.pad(p.response_mask, (0, lr)))
         cols["rollout_logprobs"].append(torch.nn.functional.pad(p.rollout_logprobs, (0, lr)))
+        if multi_turn:
+            cols["observation_mask"].append(torch.nn.functional.pad(p.observation_mask, (0, lr)))
+            cols["turn_rewards"].append(torch.nn.functional.pad(p.turn_rewards, (0, lr)))
         _, new_gi = torch.unique(p.group_index, sorted=True, return_inverse=True)
         groups.append(new_gi + offset)
         offset += int(new_gi.max()) + 1
@@ -244,6 +254,8 @@ def concat_groups(parts: list[RolloutBatch], n_groups: int, pad_id: int) -> Roll
         weight_version=rest[0].weight_version,
         reward_terms={k: torch.cat([p.reward_terms[k] for p in rest]) for k in rest[0].reward_terms},
         baseline_scores=baseline,
+        observation_mask=torch.cat(cols["observation_mask"]) if multi_turn else None,
+        turn_rewards=torch.cat(cols["turn_rewards"]) if multi_turn else None,
         metadata=[m for p in rest for m in p.metadata],
     )
     if len(parts) == 1 and len(keep) == len(group_index):

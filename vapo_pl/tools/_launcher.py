@@ -1,6 +1,7 @@
 """Runs inside the sandbox's new namespaces (as their root), before the tool code: private mounts with a fresh tmpfs
 over every world-writable directory, a working directory owned by the unprivileged user, resource limits, then the
-user is dropped and the tool's Python takes over (code from stdin). Standard library only; argv[1] is JSON."""
+user is dropped and the tool's Python takes over (code from stdin, or from the config for a long-lived worker).
+Standard library only; argv[1] is JSON."""
 
 import ctypes
 import json
@@ -43,7 +44,9 @@ def main() -> None:
     os.setgid(gid)
     os.setuid(uid)
     os.chdir(work)
-    os.execve(cfg["python"], [cfg["python"], "-I", "-"], cfg["env"])
+    # the tool's code from stdin, or (a long-lived worker) from cfg["code"], stdin then being its request channel
+    args = ["-c", cfg["code"]] if cfg.get("code") else ["-"]
+    os.execve(cfg["python"], [cfg["python"], "-I", *args], cfg["env"])
 
 
 def set_limits(memory_mb: int, cpu_s: int, disk_mb: int, nproc: int | None) -> None:

@@ -31,8 +31,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,30 @@ class Sandbox:
                         "user with time, memory and process limits only")
         user = pwd.getpwnam("nobody") if self.isolation == "namespaces" else None
         self._uid, self._gid = (user.pw_uid, user.pw_gid) if user else (os.getuid(), os.getgid())
+        self._calc: subprocess.Popen | None = None  # the calculator's long-lived worker (started on first use)
+        self._calc_dir: str | None = None
+        self._calc_lock = threading.Lock()
+        self.restarts = 0  # calculator workers started
 
     def run_python(self, code: str) -> ToolResult:
         """Run ``code`` as a Python program; its stdout and stderr are the result."""
+        start = time.perf_counter()
+        proc, workdir = self._spawn(self.limits.cpu_s)
+        try:
+            return self._collect(proc, code, start)
+        finally:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    def _spawn(self, cpu_s: int, code: str | None = None) -> tuple[subprocess.Popen, str | None]:
+        """A sandboxed interpreter: it reads its program from stdin, or runs ``code`` with stdin left for requests.
+        Returns the process and, without namespaces, the working directory to remove when it ends."""
         lim = self.limits
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp/work"}
         workdir = None
         if self.isolation == "namespaces":
-            cfg = {"uid": self._uid, "gid": self._gid, "memory_mb": lim.memory_mb, "cpu_s": lim.cpu_s,
-                   "nproc": lim.nproc, "disk_mb": lim.disk_mb, "env": env,
+            cfg = {"uid": self._uid, "gid": self._gid, "memory_mb": lim.memory_mb, "cpu_s": cpu_s,
+                   "nproc": lim.nproc, "disk_mb": lim.disk_mb, "env": env, "code": code,
                    "python": os.path.realpath(sys._base_executable), "prefix": os.path.realpath(sys.base_prefix)}
             cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--ipc",
                    "--uts", sys.executable, "-I", str(LAUNCHER), json.dumps(cfg)]
@@ -119,17 +135,12 @@ class Sandbox:
         else:
             workdir = tempfile.mkdtemp(prefix="vapo_tool_")
             env["HOME"] = workdir
-            cmd = [os.path.realpath(sys._base_executable), "-I", "-"]
-            preexec = _limits_in_child(lim)
-        start = time.perf_counter()
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    cwd=workdir, env=env if workdir else None, start_new_session=True,
-                                    preexec_fn=preexec)  # noqa: PLW1509 - only setrlimit calls, async-signal-safe
-            return self._collect(proc, code, start)
-        finally:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+            cmd = [os.path.realpath(sys._base_executable), "-I", *(["-c", code] if code else ["-"])]
+            preexec = _limits_in_child(replace(lim, cpu_s=cpu_s))
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                cwd=workdir, env=env if workdir else None, start_new_session=True,
+                                preexec_fn=preexec)  # noqa: PLW1509 - only setrlimit calls, async-signal-safe
+        return proc, workdir
 
     def _collect(self, proc: subprocess.Popen, code: str, start: float) -> ToolResult:
         lim = self.limits
@@ -175,8 +186,73 @@ class Sandbox:
 
     def calculate(self, expression: str) -> ToolResult:
         """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses, unary minus) in the sandbox;
-        anything else is an error. Exponents are bounded so a calculation stays small."""
-        return self.run_python(_CALCULATOR.replace("EXPRESSION", repr(expression)))
+        anything else is an error. Exponents are bounded so a calculation stays small.
+
+        The calculator's code is the project's own and keeps no state, so unlike ``run_python`` it runs in one
+        long-lived sandboxed worker per ``Sandbox`` (the verifier's pattern): a call costs a round trip instead of a
+        process start. A call that overruns ``wall_s``, or during which the worker dies, is answered with an error
+        and the worker is killed; the next call starts a new one (``restarts`` counts them)."""
+        if len(expression) > _MAX_EXPRESSION:
+            return ToolResult("", f"expression over {_MAX_EXPRESSION} characters", 0.0)
+        start = time.perf_counter()
+        with self._calc_lock:
+            if self._calc is None or self._calc.poll() is not None:
+                self._stop_calculator()
+                self._calc, self._calc_dir = self._spawn(_WORKER_CPU_S, _CALCULATOR_WORKER)
+                self.restarts += 1
+            proc = self._calc
+            try:
+                proc.stdin.write((json.dumps(expression) + "\n").encode())
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                self._stop_calculator()
+                return ToolResult("", "the calculator worker died", time.perf_counter() - start)
+            line, error = self._read_line(proc, start + self.limits.wall_s)
+            if error is not None:
+                self._stop_calculator()
+                return ToolResult("", error, time.perf_counter() - start)
+        reply = json.loads(line)
+        return ToolResult(reply["output"], reply["error"], time.perf_counter() - start)
+
+    def _read_line(self, proc: subprocess.Popen, deadline: float) -> tuple[str, str | None]:
+        fd = proc.stdout.fileno()
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return "", f"timed out after {self.limits.wall_s:g} s"
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return "", "the calculator worker died"
+            buf += chunk
+        return buf.decode("utf-8", "replace"), None
+
+    def _stop_calculator(self) -> None:
+        if self._calc is not None:
+            _kill(self._calc)
+            self._calc.wait()
+            for f in (self._calc.stdin, self._calc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            if self._calc_dir is not None:
+                shutil.rmtree(self._calc_dir, ignore_errors=True)
+        self._calc, self._calc_dir = None, None
+
+    def close(self) -> None:
+        """Stop the calculator worker (also done when the process exits)."""
+        with self._calc_lock:
+            self._stop_calculator()
+
+    def __del__(self) -> None:
+        try:
+            self._stop_calculator()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: modules may be gone
+            pass
 
 
 def _limits_in_child(lim: SandboxLimits):
@@ -212,7 +288,10 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-_CALCULATOR = r'''
+_MAX_EXPRESSION = 1000  # characters
+_WORKER_CPU_S = 3600  # the worker's lifetime CPU limit; each call is bounded by wall_s
+
+_CALCULATOR_WORKER = r'''
 import ast, operator
 OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -230,12 +309,15 @@ def ev(node):
             raise ValueError("exponent too large")
         return OPS[type(node.op)](a, b)
     raise ValueError("not arithmetic: " + type(node).__name__)
-try:
-    value = ev(ast.parse(EXPRESSION.strip(), mode="eval"))
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    print(value)
-except Exception as e:
-    print("error:", type(e).__name__, e)
-    raise SystemExit(1)
+import json, sys
+for line in sys.stdin:
+    try:
+        value = ev(ast.parse(json.loads(line).strip(), mode="eval"))
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        reply = {"output": str(value), "error": None}
+    except Exception as e:
+        reply = {"output": "", "error": type(e).__name__ + ": " + str(e)}
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
 '''
