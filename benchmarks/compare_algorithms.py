@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = {  # task -> (config, output folder, accuracy threshold for "steps to")
     "demo": ("configs/demo.yaml", "docs/results", 0.8),
     "long": ("configs/demo_long.yaml", "docs/results/long", 0.5),
+    "tools": ("configs/demo_tools.yaml", "docs/results/tools", 0.9),  # the base policy starts near 0.5
 }
 BASELINE_SEEDS_RUNS = ("vapo", "ppo", "grpo", "dapo")
 ABLATIONS = ("wo_value_pretraining", "wo_decoupled_gae", "wo_length_adaptive_gae", "wo_clip_higher",
@@ -189,6 +190,7 @@ def run_one(base: dict, run: str, seed: int, steps: int | None, work: Path, eval
         pretrain_seconds = producer["pretrain_seconds"]
     result = {"run": run, "seed": seed, "seconds": seconds + pretrain_seconds, "tag": tag,
               "accuracy": read_curve(log_dir, tag), "length": read_curve(log_dir, "rollout/response_length_mean"),
+              "tool_call_rate": read_curve(log_dir, f"eval/{ev.get('name', 'heldout')}_tool_call_rate"),
               "explained_var": read_curve(log_dir, "critic/explained_var"),
               "explained_var_mc": read_curve(log_dir, "critic/explained_var_mc"), "pretrain_explained_var": pretrain_ev,
               "pretrain_steps": pretrain_steps, "samples": int(per_round * (rounds + pretrain_steps)),
@@ -241,6 +243,7 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
         collapsed = sum(1 for r in runs if r["accuracy"] and
                         max(a for _, a in r["accuracy"]) - r["accuracy"][-1][1] > 0.2)
         reached = [s for s in reach if s is not None]
+        tooled = [r for r in runs if r.get("tool_call_rate")]
         evs = [v for r in runs for _, v in r.get("explained_var", []) if not math.isnan(v)]
         early = [v for r in runs for s, v in r.get("explained_var", []) if s <= 10 and not math.isnan(v)]
         first = [r["explained_var"][0][1] for r in runs if r.get("explained_var")]
@@ -263,6 +266,8 @@ def summarise(results: list[dict], threshold: float = 0.8) -> list[dict]:
             "steps_to": (f"{statistics.mean(reached):.0f} ({len(reached)}/{len(runs)})" if reached else "never"),
             "collapsed": f"{collapsed}/{len(runs)}", "samples": statistics.mean(r.get("samples", 0) for r in runs),
             "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
+            "tool_rate": (f"{statistics.mean(r['tool_call_rate'][0][1] for r in tooled):.2f} -> "
+                          f"{statistics.mean(r['tool_call_rate'][-1][1] for r in tooled):.2f}") if tooled else "—",
         })
     return rows
 
@@ -274,8 +279,8 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
     header = (f"| run | seeds | base acc | final acc (mean ± sd) | steps to {threshold} (runs reaching) | collapsed "
               "| critic EV, last 5 pretraining steps | critic EV at RL step 1 | critic EV, RL steps 1-10 "
               "| critic EV, all RL steps | critic EV vs Monte-Carlo returns, all RL steps (runs) | samples generated "
-              "| min/run |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| held-out tool-call rate, first -> last | min/run |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(x):
         return "—" if x is None else f"{x:.2f}"
@@ -284,7 +289,7 @@ def write_outputs(results: list[dict], rows: list[dict], out: Path) -> None:
         lines.append(f"| {r['run']} | {r['seeds']} | {r['base']:.3f} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | "
                      f"{r['steps_to']} | {r['collapsed']} | {num(r.get('pretrain_ev'))} | {num(r.get('first_rl_ev'))} | "
                      f"{num(r.get('critic_ev_early'))} | {num(r.get('critic_ev'))} | {r.get('critic_ev_mc', '—')} | "
-                     f"{r['samples']:.0f} | {r['minutes']:.1f} |")
+                     f"{r['samples']:.0f} | {r.get('tool_rate', '—')} | {r['minutes']:.1f} |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

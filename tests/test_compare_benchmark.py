@@ -253,3 +253,12 @@ def test_the_critic_replay_variant_changes_only_the_replay_on_the_long_task():
     assert _algo(cfg).pop("critic_replay_batches") == 4 and cfg == LONG
     demo = _algo(compare.make_config(DEMO, "vapo_critic_replay"))
     assert demo["critic_replay_batches"] == 4 and demo["critic_epochs"] == demo.get("ppo_epochs", 1) + 1
+
+
+def test_tool_call_rate_column_reports_first_and_last_means(tmp_path):
+    results = [dict(_result("vapo", s, [0.3, 0.8]), tool_call_rate=[(0, 0.2), (5, 0.6 + 0.2 * s)]) for s in range(2)]
+    results.append(_result("grpo", 0, [0.3, 0.8]))
+    vapo, grpo = compare.summarise(results)
+    assert vapo["tool_rate"] == "0.20 -> 0.70" and grpo["tool_rate"] == "—"
+    compare.write_outputs(results, [vapo, grpo], tmp_path)
+    assert "| 1000 | 0.20 -> 0.70 |" in (tmp_path / "compare.md").read_text()
