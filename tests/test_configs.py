@@ -150,6 +150,14 @@ DEFINING = {
         "trainer.callbacks.0.init_args.explained_variance_threshold": 0.5,
         "trainer.accelerator": "cpu",
     },
+    "demo_tools.yaml": {  # the seven techniques on multi-turn episodes with the sandboxed calculator
+        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=1.0, eps_low=0.2, eps_high=0.28,
+               loss_agg_mode="token-mean", nll_coef=0.1),
+        **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0, max_response_length=128),
+        "data.init_args.environment.name": "tools", "data.init_args.environment.kwargs.tag": "calc",
+        "data.init_args.episode.max_turns": 3,
+        "trainer.accelerator": "cpu",
+    },
     "eval_aime24.yaml": {  # evaluation only: AIME24 mean@32 at temperature 1.0, top_p 0.7 (the paper's)
         **data(val_files="vapo_pl/data/aime24.jsonl", val_prompt_key="problem"),
         "trainer.callbacks.0.init_args.samples_per_prompt": 32, "trainer.callbacks.0.init_args.top_p": 0.7,

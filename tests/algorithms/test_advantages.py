@@ -277,8 +277,11 @@ def test_gae_estimator_hand_worked_decoupled():
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("B,T", SHAPES)
-def test_gae_estimator_matches_naive_loop(seed, B, T):
-    inputs = random_inputs(seed, B, T)
+@pytest.mark.parametrize("holes", [False, True])
+def test_gae_estimator_matches_naive_loop(seed, B, T, holes):
+    """With holes (multi-turn episodes: observation tokens between turns), the decoupled lambdas and the
+    length-adaptive lambda, computed on the policy-token count, against the loop reference."""
+    inputs = random_inputs(seed, B, T, holes=holes)
     gen = torch.Generator().manual_seed(200 + seed)
     gamma, lam_p, lam_c = torch.rand(3, generator=gen, dtype=F64).tolist()
     for alpha in (None, 0.3):

@@ -40,3 +40,31 @@ def test_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch, capsy
     assert any(type(cb).__name__ == "ValuePretraining" and cb.done for cb in cli.trainer.callbacks)
     assert "held-out evaluation 'heldout': step 0 -> step 2" in capsys.readouterr().out
     assert list((tmp_path / "tb" / "smoke").glob("version_*/events.out.tfevents.*"))
+
+
+def test_tools_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`vapo-pl fit --config configs/demo_tools.yaml` as written, on the random tiny model for 2 steps: multi-turn
+    episodes through vLLM and the sandboxed calculator, the episode metrics logged, turns and tool-call rate in the
+    evaluation summary."""
+    from vapo_pl.cli import run
+
+    monkeypatch.chdir(REPO)
+    cfg = yaml.safe_load((REPO / "configs" / "demo_tools.yaml").read_text())
+    callbacks = cfg["trainer"]["callbacks"]
+    for cb in callbacks:
+        if cb["class_path"].endswith("ValuePretraining"):
+            cb["init_args"] = {"steps": 1}
+        if cb["class_path"].endswith("Evaluation"):
+            cb["init_args"].update(every_n_steps=1, max_problems=4, samples_per_prompt=2)
+    overlay = tmp_path / "smoke.yaml"
+    overlay.write_text(yaml.safe_dump({
+        "trainer": {"max_steps": 2, "callbacks": callbacks, "enable_progress_bar": False, "logger": False},
+        "model": {"init_args": {"model_path": str(tiny_model_dir)}},
+    }))
+    cli = run(["fit", "--config", str(REPO / "configs" / "demo_tools.yaml"), "--config", str(overlay)])
+    assert cli.trainer.global_step == 2 and cli.datamodule.environment is not None
+    metrics = cli.trainer.callback_metrics
+    for name in ("episode/turns", "episode/tool_calls", "episode/tool_errors", "episode/observation_token_share"):
+        assert name in metrics, name
+    out = capsys.readouterr().out
+    assert "eval/heldout_tool_call_rate" in out and "eval/heldout_turns_mean" in out
