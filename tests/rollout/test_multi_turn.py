@@ -17,6 +17,8 @@ pytestmark = pytest.mark.vllm
 
 
 class Countdown(Environment):
+    metrics = ("tool_calls", "tool_errors")
+
     def __init__(self, bonus: float = 0.25) -> None:
         self.bonus = bonus
         self.turn = 0

@@ -62,6 +62,9 @@ class Environment(ABC):
     keep per-episode state on the instance."""
 
     tokenizer: Any = None  # the policy's tokenizer, set before ``reset``
+    # the ``StepResult.info`` counters logged per episode (``episode/<name>``; ``tool_seconds`` as ``tool_latency_ms``
+    # per call): a fixed list, so that every rank logs the same metrics whatever its episodes did
+    metrics: tuple[str, ...] = ()
 
     @abstractmethod
     def reset(self, record: PromptRecord, prompt: str) -> str:

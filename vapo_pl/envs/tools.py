@@ -75,6 +75,8 @@ class ToolEnvironment(Environment):
     order and answered together. A call of an unknown tool, or with missing arguments, is answered with an error
     observation (counted in ``tool_errors``), as is a call whose run failed."""
 
+    metrics = ("tool_calls", "tool_errors", "tool_seconds")
+
     def __init__(self, tokenizer: Any = None, sandbox: Sandbox | None = None, tag: str | None = None,
                  tools: list[str] | dict[str, Callable[[Sandbox, dict[str, Any]], ToolResult]] | None = None,
                  max_calls_per_turn: int = 4, limits: dict[str, Any] | None = None) -> None:

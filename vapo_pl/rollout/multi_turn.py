@@ -312,7 +312,7 @@ class MultiTurnRollout(SingleTurnRollout):
              "turns": e.turns, "tool_calls": int(e.info.get("tool_calls", 0))}
             for j, e in enumerate(episodes)
         ]
-        stats.update(episode_stats(episodes, policy, observation, turn_rewards))
+        stats.update(episode_stats(episodes, policy, observation, turn_rewards, self.spec.cls.metrics))
         return RolloutBatch(
             input_ids=torch.cat([prompt_t, resp], dim=1),
             attention_mask=torch.cat([prompt_mask, real], dim=1).long(),
@@ -345,9 +345,10 @@ def marked_transcript(turns: list[tuple[str, str]]) -> str:
 
 
 def episode_stats(episodes: list[Episode], policy: torch.Tensor, observation: torch.Tensor,
-                  turn_rewards: torch.Tensor) -> dict[str, float]:
-    """Per-step episode metrics: turns, the environment's counters per episode (``tool_calls``, ``tool_errors``,
-    ...), the observations' share of the response tokens, tool latency per call, and the reward per turn."""
+                  turn_rewards: torch.Tensor, counters: tuple[str, ...]) -> dict[str, float]:
+    """Per-step episode metrics: turns, the environment's ``counters`` per episode (``Environment.metrics``:
+    ``tool_calls``, ``tool_errors``, ...), the observations' share of the response tokens, tool latency per call, and
+    the reward per turn. The keys depend only on ``counters``, so every rank logs the same ones."""
     b = len(episodes)
     turns = sum(e.turns for e in episodes)
     out = {
@@ -357,8 +358,7 @@ def episode_stats(episodes: list[Episode], policy: torch.Tensor, observation: to
         "episode/observation_tokens_cut": float(sum(e.observation_cut for e in episodes)),
         "episode/turn_reward": float(turn_rewards.sum()) / max(turns, 1),
     }
-    keys = dict.fromkeys(k for e in episodes for k in e.info)
-    for k in keys:
+    for k in counters:
         total = sum(e.info.get(k, 0.0) for e in episodes)
         if k == "tool_seconds":
             calls = sum(e.info.get("tool_calls", 0.0) for e in episodes)
