@@ -7,6 +7,10 @@ Both sides are ``RolloutDataModule.next_batch()`` on the same vLLM engine settin
   (``episode.max_turn_tokens``), an environment answering each turn with a short observation; every turn is a
   generate call over the episodes still running, prefix caching on.
 
+On CPU the multi-turn DataModule builds its engine with KV blocks of 32 tokens (vLLM's CPU default is 128, and its
+prefix cache reuses whole blocks only, so with 128 every turn recomputed the episode's whole context: 0.69 of
+single-turn throughput before that change); ``--same-block-size`` gives the single-turn engine 32 as well.
+
 Throughput is generated (policy) tokens divided by generate seconds, and by the whole rollout's seconds (which adds
 the environments, tokenising observations, scoring and batching). Runs alternate A and B ``--reps`` times after a
 warm-up each; the ratio of medians is printed. Run it alone: two CPU-heavy jobs on 2 cores distort each other.
@@ -27,7 +31,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from vapo_pl.envs import Environment, StepResult  # noqa: E402
+from vapo_pl.envs import Environment, StepResult
 
 
 class Echo(Environment):
@@ -52,15 +56,17 @@ def build(model: Path, prompts_file: Path, args, multi: bool):
     from vapo_pl import RolloutDataModule
 
     Echo.turns = args.turns
-    kw = dict(train_files=str(prompts_file), model_path=str(model), max_prompt_length=32,
-              max_response_length=args.turns * (args.turn_tokens + 8), prompts_per_step=args.prompts,
-              samples_per_prompt=args.samples, reward=[{"name": "math_verify"}],
-              engine={"kind": "vllm", "dtype": "float32", "enforce_eager": True})
+    kw = {"train_files": str(prompts_file), "model_path": str(model), "max_prompt_length": 32,
+              "max_response_length": args.turns * (args.turn_tokens + 8), "prompts_per_step": args.prompts,
+              "samples_per_prompt": args.samples, "reward": [{"name": "math_verify"}],
+              "engine": {"kind": "vllm", "dtype": "float32", "enforce_eager": True}}
     if multi:
         kw.update(environment=Echo, episode={"max_turns": args.turns, "max_total_tokens": 4096,
                                              "max_turn_tokens": args.turn_tokens})
     else:
         kw["max_response_length"] = args.turns * args.turn_tokens
+        if args.same_block_size:  # the multi-turn DataModule's CPU block size for the single-turn engine too
+            kw["engine"]["block_size"] = 32
     dm = RolloutDataModule(**kw)
     dm.setup("fit")
     return dm
@@ -81,6 +87,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--turn-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--same-block-size", action="store_true",
+                    help="single-turn engine with the multi-turn one's CPU KV block size (32) instead of vLLM's 128")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args()
 

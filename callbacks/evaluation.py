@@ -234,7 +234,7 @@ class Evaluation(pl.Callback):
             rank, world = _world()
             mine = list(range(total))[rank::world]
         sums = torch.zeros(9, dtype=torch.float64)
-        sampling = lambda first: self.sampling(datamodule, step, first)  # noqa: E731
+        sampling = lambda first: self.sampling(datamodule, step, first)
         for batch in datamodule.evaluate(mine, sampling, self.prompts_per_call):
             extracted = [m.get("extracted") for m in batch.metadata] if batch.metadata else [None] * len(batch)
             sums[:7] += self.problem_sums(batch.correct, extracted, batch.lengths, batch.truncated)

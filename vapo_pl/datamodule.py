@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vapo_pl.batch import RolloutBatch
 from vapo_pl.common import derive_seed, require_model_dir, world
+from vapo_pl.envs.base import EpisodeLimits
 from vapo_pl.prompts import PromptRecord, load_prompts, render_prompt
 from vapo_pl.ptx import load_ptx, next_ptx_batch
 from vapo_pl.rewards.base import CompositeReward, RewardTerm
 from vapo_pl.rollout.base import RolloutEngine, Sampling
 from vapo_pl.rollout.config import EngineConfig
-from vapo_pl.envs.base import EpisodeLimits
 from vapo_pl.rollout.multi_turn import EnvironmentSpec, MultiTurnRollout
 from vapo_pl.rollout.single_turn import SingleTurnRollout, concat_groups
 
@@ -360,6 +360,8 @@ class RolloutDataModule(pl.LightningDataModule):
                 limit = getattr(AutoConfig.from_pretrained(self._model_dir()), "max_position_embeddings", None)
                 need = self.max_prompt_length + self.max_response_length
                 cfg = cfg.with_overrides(max_model_len=min(need, limit) if limit else need)
+            if cfg.kind == "vllm" and cfg.block_size is None and self.environment is not None and _cpu_only():
+                cfg = cfg.with_overrides(block_size=32)  # see EngineConfig.block_size
             replica = self.replica_layout()[0]
             seed = derive_seed(self.seed, replica) % 2**31  # vLLM seeds numpy, which takes 32 bits
             self._engine = build_engine(cfg, self._model_dir(), seed=seed, rank=self.rank,
@@ -517,6 +519,10 @@ class RolloutDataModule(pl.LightningDataModule):
     def _pad_id(self) -> int:
         tok = self.load_tokenizer()
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+def _cpu_only() -> bool:
+    return not torch.cuda.is_available()
+
 
 def _identity(x: Any) -> Any:
     return x

@@ -56,11 +56,11 @@ class Recording:
 def build_dm(tiny_model_dir, prompt_file, **over):
     from vapo_pl import RolloutDataModule
 
-    kw = dict(train_files=prompt_file, model_path=str(tiny_model_dir), max_prompt_length=32, max_response_length=64,
-              prompts_per_step=6, samples_per_prompt=1, engine={"kind": "vllm", "dtype": "float32",
+    kw = {"train_files": prompt_file, "model_path": str(tiny_model_dir), "max_prompt_length": 32, "max_response_length": 64,
+              "prompts_per_step": 6, "samples_per_prompt": 1, "engine": {"kind": "vllm", "dtype": "float32",
                                                                  "enforce_eager": True},
-              environment={"name": f"{__name__}.Countdown"}, reward=[],
-              episode={"max_turns": 4, "max_total_tokens": 96, "max_turn_tokens": 5})
+              "environment": {"name": f"{__name__}.Countdown"}, "reward": [],
+              "episode": {"max_turns": 4, "max_total_tokens": 96, "max_turn_tokens": 5}}
     kw.update(over)
     dm = RolloutDataModule(**kw)
     dm.setup("fit")
@@ -145,7 +145,7 @@ def test_limits_truncate_like_an_overlong_response(tiny_model_dir, prompt_file):
 def test_environment_config_errors_name_the_field(tiny_model_dir, prompt_file):
     from vapo_pl import RolloutDataModule
 
-    base = dict(train_files=prompt_file, model_path=str(tiny_model_dir))
+    base = {"train_files": prompt_file, "model_path": str(tiny_model_dir)}
     for env, msg in (({"name": "no.such.Env"}, "data.environment.name 'no.such.Env' cannot be imported"),
                      ({"name": "vapo_pl.batch.RolloutBatch"}, "is not a vapo_pl.envs.Environment subclass"),
                      ({"name": "tools", "kwargs": {"tags": "calc"}}, "data.environment.kwargs for ToolEnvironment"),
@@ -157,3 +157,15 @@ def test_environment_config_errors_name_the_field(tiny_model_dir, prompt_file):
         RolloutDataModule(**base, reward=[])
     with pytest.raises(ValueError, match="data.episode.max_turns must be an integer >= 1"):
         RolloutDataModule(**base, environment="tools", episode={"max_turns": 0})
+
+
+def test_cpu_engine_uses_small_kv_blocks_so_the_prefix_cache_serves_later_turns(rollout):
+    """vLLM's CPU default block is 128 tokens and its prefix cache reuses whole blocks only: a multi-turn engine gets
+    32 (``EngineConfig.block_size``), so an episode's earlier turns are not recomputed at every turn."""
+    _dm, rec, _ = rollout
+    cache = rec.engine.llm.llm_engine.vllm_config.cache_config
+    assert cache.block_size == 32 and cache.enable_prefix_caching
+    from vapo_pl.rollout.config import EngineConfig
+
+    with pytest.raises(ValueError, match="engine.block_size must be an integer >= 1"):
+        EngineConfig(block_size=0)

@@ -13,8 +13,8 @@ from vapo_pl.batch import RolloutBatch
 
 pytestmark = pytest.mark.vllm
 
-DATA = dict(environment={"name": "tests.rollout.test_multi_turn.Countdown"}, reward=[], max_response_length=64,
-            episode={"max_turns": 4, "max_total_tokens": 96, "max_turn_tokens": 5})
+DATA = {"environment": {"name": "tests.rollout.test_multi_turn.Countdown"}, "reward": [], "max_response_length": 64,
+            "episode": {"max_turns": 4, "max_total_tokens": 96, "max_turn_tokens": 5}}
 
 
 class GradientProbe(VAPOModule):
@@ -43,7 +43,7 @@ def test_observation_tokens_get_no_gradient_from_any_loss_term(make_run):
     """Policy loss, positive-example NLL, KL loss to the reference, value loss: all on, and every one reads
     ``response_mask`` only. The gradient at the observation positions is exactly zero, at policy positions not."""
     module, dm, trainer = make_run(
-        algorithm=dict(estimator="gae", nll_coef=0.5, kl_loss_coef=0.1, minibatch_size=8, micro_batch_size=4),
+        algorithm={"estimator": "gae", "nll_coef": 0.5, "kl_loss_coef": 0.1, "minibatch_size": 8, "micro_batch_size": 4},
         data=dict(DATA, samples_per_prompt=2), engine="vllm", module_cls=GradientProbe)
     module.seen = []
     trainer.fit(module, dm)
@@ -71,7 +71,7 @@ def test_turn_rewards_are_placed_on_each_turns_last_policy_token(make_run):
 def test_packed_and_padded_forwards_agree_on_episodes_with_observation_holes(make_run):
     """Packing places every real token (observations included) so that the policy tokens' log-probs and values equal
     the padded forward's."""
-    module, dm, trainer = make_run(data=dict(DATA, samples_per_prompt=2), engine="vllm")
+    module, dm, _trainer = make_run(data=dict(DATA, samples_per_prompt=2), engine="vllm")
     dm.connect(module)
     dm.setup("fit")
     batch = dm.next_batch()

@@ -71,7 +71,7 @@ def encode(tokenizer, problem: Problem, use_tool: bool, forgotten: tuple[int, ..
     the first response token and the carry forks of the text path are soft targets."""
     from vapo_pl.envs.tools import tool_response_text
 
-    enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    enc = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
     ids = base_policy.prompt_ids(tokenizer, problem.prompt)
     labels = [-100] * len(ids)

@@ -27,6 +27,10 @@ class EngineConfig:
     sleep_level: int = 2  # 2: drop the weights while asleep (the next sync reloads them); 1: offload them to host
     enforce_eager: bool | None = None  # skip torch.compile/CUDA graphs; None: eager on CPU (saves ~40 s of start-up)
     enable_prefix_caching: bool = True
+    # KV-cache block size in tokens; None: vLLM's default (128 on CPU, 16 on GPU), except that multi-turn rollouts
+    # (data.environment) on CPU use 32, since the prefix cache reuses only whole blocks and an episode's context grows
+    # by a turn and an observation at a time
+    block_size: int | None = None
     enable_chunked_prefill: bool | None = None  # None: off on CPU (vLLM 0.32 CPU bug with seeded requests), on on GPU
     weight_sync_bucket_mb: float = 256.0  # weight sync streams the actor to the engine in buckets of at most this size
 
@@ -45,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"engine.sleep_level must be 1 or 2, got {self.sleep_level!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"engine.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size < 1):
+            raise ValueError(f"engine.block_size must be an integer >= 1, got {self.block_size!r}")
         if not self.weight_sync_bucket_mb > 0:
             raise ValueError(f"engine.weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
 

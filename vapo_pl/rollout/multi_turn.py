@@ -80,7 +80,7 @@ class EnvironmentSpec:
             except (ImportError, AttributeError, ValueError) as e:
                 raise ValueError(f"data.environment.name {path!r} cannot be imported: {e}") from None
         if not (isinstance(env_cls, type) and issubclass(env_cls, Environment)):
-            raise ValueError(f"data.environment.name {path!r} is not a vapo_pl.envs.Environment subclass")
+            raise ValueError(f"data.environment.name {path!r} is not a vapo_pl.envs.Environment subclass")  # noqa: TRY004
         args = dict(value.get("kwargs") or {})
         try:
             inspect.signature(env_cls).bind(**args)

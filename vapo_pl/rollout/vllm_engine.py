@@ -194,6 +194,8 @@ class VLLMEngine(RolloutEngine):
             # checkpoint's generation_config.json.
             "generation_config": "vllm",
         }
+        if cfg.block_size is not None:
+            kwargs["block_size"] = cfg.block_size
         if self.sleep_enabled:
             kwargs["enable_sleep_mode"] = True
         if distributed:

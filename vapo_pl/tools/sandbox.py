@@ -251,7 +251,7 @@ class Sandbox:
     def __del__(self) -> None:
         try:
             self._stop_calculator()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: modules may be gone
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: modules may be gone
             pass
 
 
