@@ -173,6 +173,17 @@ def validate_run_config(cfg, training: bool = True) -> None:
         value = _get(model, field, choices[0])
         if value not in choices:
             raise ConfigError(f"model.{field} must be " + " or ".join(map(repr, choices)) + f", got {value!r}")
+    lora = _get(model, "lora")
+    if lora is not None:
+        from vapo_pl.lora import LoRAConfig
+
+        lora = _build(LoRAConfig, lora, "")  # its errors name model.lora.<field>
+        strategy = str(_get(cfg, "trainer.strategy.class_path", _get(cfg, "trainer.strategy", "")) or "")
+        stage = _get(cfg, "trainer.strategy.init_args.stage",
+                     _get(cfg, "trainer.strategy.init_args.config.zero_optimization.stage"))
+        if "DeepSpeed" in strategy and stage == 3:
+            raise ConfigError("model.lora with DeepSpeed ZeRO-3 is not supported (adapters are synced from whole "
+                              "parameters); use ZeRO-2, FSDP2 or DDP")
     _check_paths(model, data)
     if not training:
         if not _get(data, "val_files"):

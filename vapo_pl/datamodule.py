@@ -360,6 +360,13 @@ class RolloutDataModule(pl.LightningDataModule):
                 limit = getattr(AutoConfig.from_pretrained(self._model_dir()), "max_position_embeddings", None)
                 need = self.max_prompt_length + self.max_response_length
                 cfg = cfg.with_overrides(max_model_len=min(need, limit) if limit else need)
+            lora = getattr(self._module, "lora", None)
+            if cfg.kind == "vllm" and lora is not None and lora.sync == "adapter":
+                # vLLM takes max_lora_rank from a fixed list: the smallest one that holds the adapter's rank
+                allowed = [r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= lora.rank]
+                if not allowed:
+                    raise ValueError(f"model.lora.rank={lora.rank}: vLLM serves adapters of rank <= 512")
+                cfg = cfg.with_overrides(enable_lora=True, max_lora_rank=allowed[0])
             if cfg.kind == "vllm" and cfg.block_size is None and self.environment is not None and _cpu_only():
                 cfg = cfg.with_overrides(block_size=32)  # see EngineConfig.block_size
             replica = self.replica_layout()[0]
@@ -389,6 +396,20 @@ class RolloutDataModule(pl.LightningDataModule):
         cache (vLLM wakes only the weights); the next generate call wakes the rest."""
         self._pending_weights = None
         self.engine.update_weights(items)
+        self.weight_version = version
+
+    def sync_adapter(self, items: Iterable[tuple[str, torch.Tensor]], peft_config: dict[str, Any], version: int
+                     ) -> None:
+        """LoRA: load the actor's adapter (peft names and config) into the engine as adapter ``version``; the base
+        weights stay as the engine has them. The adapter goes to the engine as a peft directory written atomically
+        under a private temporary directory (vLLM loads adapters from directories); an engine that shares the
+        trainer's actor (``hf``) has it already."""
+        self._pending_weights = None
+        engine = self.engine
+        if not hasattr(engine, "load_adapter"):
+            raise ValueError(f"model.lora.sync=adapter: the {type(engine).__name__} engine cannot load adapters; "
+                             "set model.lora.sync: merged")
+        engine.load_adapter(items, peft_config, version)
         self.weight_version = version
 
     def expect_weights(self, pull: Callable[[], None]) -> None:

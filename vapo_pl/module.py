@@ -39,6 +39,7 @@ from vapo_pl.config import AlgorithmConfig, OptimConfig
 from vapo_pl.critic import ValueModel
 from vapo_pl.critic_training import CriticTraining
 from vapo_pl.forward import keep_output_head_in_fp32
+from vapo_pl.lora import LoRAConfig, adapters_disabled, add_adapters
 from vapo_pl.parallel import any_nonfinite
 from vapo_pl.prompts import PromptRecord, render_prompt
 from vapo_pl.rewards.base import RewardInput, RewardOutput
@@ -118,6 +119,7 @@ class VAPOModule(pl.LightningModule):
         pack_row_tokens: int = 128,
         reuse_update_forward: bool = True,
         attn_implementation: str = "auto",
+        lora: LoRAConfig | dict | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -149,6 +151,7 @@ class VAPOModule(pl.LightningModule):
         self.pack_row_tokens = pack_row_tokens
         self.reuse_update_forward = reuse_update_forward
         self.attn_implementation = attn_implementation
+        self.lora = LoRAConfig(**lora) if isinstance(lora, dict) else lora
         self._build_empty = False  # set while configure_model builds for FSDP2 (parameters on the meta device)
         self.seed = seed
         self.save_hyperparameters()
@@ -262,6 +265,8 @@ class VAPOModule(pl.LightningModule):
 
     def _build_models(self) -> None:
         self.actor = self.build_actor().train()
+        if self.lora is not None:
+            add_adapters(self.actor, self.lora)
         keep_output_head_in_fp32(self.actor)
         if self._evaluating:  # vapo-pl validate / test: the policy alone
             self.actor.eval()
@@ -270,11 +275,16 @@ class VAPOModule(pl.LightningModule):
             if self.critic_logprob_features and not getattr(self.critic, "uses_logprob_features", False):
                 raise ValueError("model.critic_logprob_features is on, but build_critic() returned a critic without a "
                                  "log-prob head (build it with ValueModel.from_pretrained(..., logprob_features=True))")
-        if self.algorithm.uses_reference and not self._evaluating:
+            if self.lora is not None and self.lora.critic:
+                add_adapters(self.critic, self.lora, trainable=("value_head.", "logprob_head."))
+        # with LoRA the reference policy is the actor with its adapters off (``reference_logprobs``): no copy
+        if self.algorithm.uses_reference and not self._evaluating and self.lora is None:
             self.ref_model = self.build_actor().eval().requires_grad_(False)
             keep_output_head_in_fp32(self.ref_model)
         if self.gradient_checkpointing:
             self.actor.gradient_checkpointing_enable()
+            if self.lora is not None:  # frozen embeddings: checkpointed blocks still need an input with grad
+                self.actor.enable_input_require_grads()
             if self.critic is not None:
                 self.critic.gradient_checkpointing_enable()
 
@@ -360,6 +370,19 @@ class VAPOModule(pl.LightningModule):
                                        self.pack_row_tokens if self.packing else None, with_entropy,
                                        checkpoint_head=self.gradient_checkpointing)
 
+    @property
+    def has_reference(self) -> bool:
+        """Whether reference log-probs exist: a reference model, or (LoRA) the actor with its adapters off."""
+        return self.ref_model is not None or (self.lora is not None and self.algorithm.uses_reference
+                                              and self.actor is not None and not self._evaluating)
+
+    def reference_logprobs(self, batch: RolloutBatch) -> Tensor:
+        """(B, T) log-probs under the reference policy: the reference model, or the LoRA actor without adapters."""
+        if self.ref_model is not None:
+            return self.policy_logprobs(self.ref_model, batch)[0]
+        with adapters_disabled(self.actor):
+            return self.policy_logprobs(self.actor, batch)[0]
+
     def critic_values(self, batch: RolloutBatch) -> Tensor:
         """(B, T) values V(s_t), s_t = prompt + response[:t], read at the last token of s_t (0 at padding)."""
         return forward.critic_values(self.critic, batch, self.pack_row_tokens if self.packing else None)
@@ -394,8 +417,8 @@ class VAPOModule(pl.LightningModule):
                 logp, ent = self.policy_logprobs(self.actor, mb, with_entropy=True)
                 parts["old_logp"].append(logp)
                 parts["entropy"].append(ent)
-            if not critic_only and self.ref_model is not None:
-                parts["ref_logp"].append(self.policy_logprobs(self.ref_model, mb)[0])
+            if not critic_only and self.has_reference:
+                parts["ref_logp"].append(self.reference_logprobs(mb))
             if self.critic is not None and values:
                 parts["old_values"].append(self.critic_values(mb))
         return PreparedBatch(**{k: torch.cat(v) for k, v in parts.items()})
@@ -444,7 +467,7 @@ class VAPOModule(pl.LightningModule):
         ``kl_reward_coef`` > 0 (the adaptive controller steps here), and the KL metrics."""
         rewards = self.token_rewards(batch)
         metrics: dict[str, float] = {}
-        if self.ref_model is not None and prep.old_logp is not None:
+        if self.has_reference and prep.old_logp is not None:
             kl_mean = self._kl_ref(prep, batch.response_mask)
             metrics["actor/kl_ref"] = float(kl_mean)
             if self.algorithm.kl_reward_coef > 0:
@@ -518,6 +541,16 @@ class VAPOModule(pl.LightningModule):
         dm = self.rollout_data
         if bump:
             self.policy_version += 1
+        if self.lora is not None:  # the adapter alone, or full weights with it folded in
+            from vapo_pl.lora import adapter_items, full_tensors, merged_items, peft_config_dict
+
+            if self.lora.sync == "adapter":
+                dm.sync_adapter(full_tensors(adapter_items(self.actor)), peft_config_dict(self.lora, self.model_path),
+                                version=self.policy_version)
+            else:
+                dm.sync_weights(full_tensors(merged_items(self.actor, dtype=dm.weight_dtype)),
+                                version=self.policy_version)
+            return
         dm.sync_weights(stream_state_items(self.actor, self.trainer.strategy, dtype=dm.weight_dtype,
                                            bucket_bytes=dm.weight_sync_bucket_bytes), version=self.policy_version)
 

@@ -63,7 +63,7 @@ def step_metrics(m: VAPOModule, batch: RolloutBatch, prep: PreparedBatch, adv: A
     """The step's metrics besides the update's own (``metrics``, so far): skips, the rollout's, the KL to the
     reference when the old log-probs came from the update pass, and the critic against Monte-Carlo returns."""
     out = {"train/step_skipped": float(skipped is not None), "train/skipped_steps": float(m.skipped_steps)}
-    if m.ref_model is not None and "actor/kl_ref" not in metrics and prep.old_logp is not None:
+    if m.has_reference and "actor/kl_ref" not in metrics and prep.old_logp is not None:
         out["actor/kl_ref"] = float(m._kl_ref(prep, batch.response_mask))  # old log-probs from the update pass
     out.update(rollout_metrics(batch, prep, adv))
     if prep.old_values is not None:  # against Monte-Carlo returns, whatever lambda_critic the targets use

@@ -32,6 +32,10 @@ class EngineConfig:
     # by a turn and an observation at a time
     block_size: int | None = None
     enable_chunked_prefill: bool | None = None  # None: off on CPU (vLLM 0.32 CPU bug with seeded requests), on on GPU
+    # LoRA (model.lora with sync: adapter): the engine serves the trained adapter; set by the DataModule from the
+    # module's model.lora, not usually by hand
+    enable_lora: bool = False
+    max_lora_rank: int = 16
     weight_sync_bucket_mb: float = 256.0  # weight sync streams the actor to the engine in buckets of at most this size
 
     def __post_init__(self) -> None:

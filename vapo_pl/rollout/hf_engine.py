@@ -194,6 +194,13 @@ class HFEngine(RolloutEngine):
             for tokens, lps, k, stop in zip(token_lists, logprob_lists, length.tolist(), stopped.tolist())
         ]
 
+    def load_adapter(self, items: Iterable[tuple[str, Tensor]], peft_config: dict, version: int) -> None:
+        """LoRA: a shared actor already carries its adapters; an owned model cannot take them (use merged sync)."""
+        if not self.shared:
+            raise ValueError("the hf engine takes LoRA adapters only when it shares the trainer's actor; set "
+                             "model.lora.sync: merged")
+        self.version += 1
+
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Owned model: copy the trainer's ``(hf_name, tensor)`` pairs in. Shared model: nothing to copy.
 

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from operator import attrgetter
 from pathlib import Path
@@ -196,6 +199,8 @@ class VLLMEngine(RolloutEngine):
         }
         if cfg.block_size is not None:
             kwargs["block_size"] = cfg.block_size
+        if cfg.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
         if self.sleep_enabled:
             kwargs["enable_sleep_mode"] = True
         if distributed:
@@ -211,6 +216,8 @@ class VLLMEngine(RolloutEngine):
         _quiet_weight_sync_logs()  # once per process: the filters stay on vLLM's module loggers
         self.weight_dtype = self.llm.llm_engine.model_config.dtype  # what "auto" resolved to
         self.version = 0
+        self._lora = None  # the LoRARequest of the newest adapter (load_adapter)
+        self._lora_dir: str | None = None
         self._asleep = False
         self._weights_awake = False  # woken early by update_weights while the KV cache still sleeps
 
@@ -240,7 +247,7 @@ class VLLMEngine(RolloutEngine):
         # vLLM's CPU sampler draws a per-row seed from the global torch RNG every step (then overrides
         # it for seeded rows): keep the trainer's stream where it was.
         with _preserved_global_rng():
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         return [[_to_completion(c) for c in sorted(out.outputs, key=attrgetter("index"))] for out in outputs]
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
@@ -272,6 +279,39 @@ class VLLMEngine(RolloutEngine):
         if not self._asleep:  # sleeping already cleared the prefix cache
             self.llm.reset_prefix_cache()
         self.version += 1
+
+    def load_adapter(self, items: Iterable[tuple[str, Tensor]], peft_config: dict, version: int) -> None:
+        """Serve a new LoRA adapter (peft names) as adapter ``version``: written as a peft directory (atomically,
+        under a private temporary directory; vLLM loads adapters from directories), registered under a new id, the
+        previous one removed. The base weights are not touched."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not self.config.enable_lora:
+            raise RuntimeError("load_adapter: the engine was built without enable_lora")
+        if self._lora_dir is None:
+            root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self._lora_dir = tempfile.mkdtemp(prefix="vapo_lora_", dir=root)
+        final = os.path.join(self._lora_dir, f"v{version}")
+        tmp = tempfile.mkdtemp(prefix=f".v{version}-", dir=self._lora_dir)
+        save_file({k: t.detach().contiguous().cpu() for k, t in items}, os.path.join(tmp, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(peft_config, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        old = self._lora
+        self._lora = LoRARequest(f"policy-v{version}", version + 1, final)  # ids must be > 0
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        self.version += 1
+
+    def close_adapters(self) -> None:
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+            self._lora_dir = None
 
     def sleep(self) -> None:
         """Release the engine's GPU memory until ``wake_up``; a no-op on CPU. Level 2 (``engine.sleep_level``, the
