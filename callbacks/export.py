@@ -26,10 +26,11 @@ class ExportActor(pl.Callback):
         every_n_steps: export after every RL step that is a multiple of this; ``None`` = no periodic export.
         at_steps: export after each of these RL steps as well.
         at_end: export after the last RL step of the run.
+        merged: with ``model.lora``, also write the merged model (``step_<N>/merged``) beside the adapter.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int | None = None, at_steps: Sequence[int] = (),
-                 at_end: bool = True) -> None:
+                 at_end: bool = True, merged: bool = False) -> None:
         if not isinstance(dirpath, str) or not dirpath.strip():
             raise ValueError("ExportActor.dirpath: give a directory")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -44,6 +45,7 @@ class ExportActor(pl.Callback):
         self.every_n_steps = every_n_steps
         self.at_steps = frozenset(at_steps)
         self.at_end = at_end
+        self.merged = merged
         self.last_exported: int | None = None
 
     def path_for(self, step: int) -> Path:
@@ -54,7 +56,7 @@ class ExportActor(pl.Callback):
 
     def _export(self, pl_module: pl.LightningModule, step: int) -> None:
         path = self.path_for(step)
-        pl_module.export_actor(str(path))
+        pl_module.export_actor(str(path), merged=self.merged)
         self.last_exported = step
         rank_zero_info(f"exported the actor after RL step {step} to {path}")
 

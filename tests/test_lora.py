@@ -78,3 +78,62 @@ def test_engine_generates_what_the_trained_actor_generates(make_run, sync):
     want = [hf_greedy(module.actor, p, 12) for p in prompts]
     assert got == want
     assert dm.engine.config.enable_lora == (sync == "adapter")
+
+
+def test_resume_is_bit_identical_with_lora(make_run, tmp_path):
+    """4 steps straight against 2 steps, a checkpoint, and 2 more after resuming: the same losses and the same adapter
+    and optimizer state, bit for bit (the engine gets the restored adapter)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.trainer.test_module import Recorder
+    from tests.trainer.test_resume import _losses
+
+    def run(steps, callbacks, ckpt_path=None, **trainer):
+        module, dm, tr = make_run(engine="vllm", algorithm={"kl_loss_coef": 0.1},
+                                  trainer=dict(max_steps=steps, callbacks=callbacks, **trainer))
+        module.lora = LoRAConfig(**LORA)
+        tr.fit(module, dm, ckpt_path=ckpt_path)
+        return module, tr
+
+    straight = Recorder()
+    m_straight, _ = run(4, [straight])
+    first, second = Recorder(), Recorder()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_last=True)
+    run(2, [first, ckpt], enable_checkpointing=True)
+    m_resumed, tr = run(4, [second], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert tr.global_step == 4
+    assert _losses(first) + _losses(second) == _losses(straight)
+    a, b = m_straight.actor.state_dict(), m_resumed.actor.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_writes_the_adapter_and_the_merged_model(make_run, tmp_path):
+    """The adapter in peft's format loads with peft onto the base model; the merged model loads in transformers and
+    vLLM; all three give the trained actor's logits / greedy output."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.rollout import hf_greedy
+    from vapo_pl.rollout.base import Sampling
+    from vapo_pl.rollout.vllm_engine import VLLMEngine
+
+    module, dm, trainer = make_run(engine="vllm")
+    module.lora = LoRAConfig(**LORA)
+    trainer.fit(module, dm)
+    out = tmp_path / "export"
+    module.export_actor(str(out), merged=True)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    ids = torch.tensor([dm.train_prompt_ids[0]])
+    module.actor.eval()
+    with torch.no_grad():
+        want = module.actor(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(module.model_path, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(base, str(out)).eval()
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    prompts = dm.train_prompt_ids[:3]
+    engine = VLLMEngine(out / "merged", dtype="float32", max_model_len=64, enforce_eager=True)
+    greedy = Sampling(n=1, temperature=0.0, max_tokens=10)
+    assert [c[0].token_ids for c in engine.generate(prompts, greedy)] == [hf_greedy(module.actor, p, 10)
+                                                                           for p in prompts]

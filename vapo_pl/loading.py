@@ -75,6 +75,10 @@ class CheckpointSource:
     def key_for(self, name: str, keys: dict[str, Path]) -> str | None:
         if name in self.renames:
             return self.renames[name]
+        if ".lora_" in name:  # a LoRA adapter (``vapo_pl.lora``): not in the base checkpoint, initialised after
+            return None
+        if ".base_layer." in name:  # the base weight of a LoRA-adapted projection, under its checkpoint name
+            name = name.replace(".base_layer.", ".")
         for prefix in self.prefixes:
             key = f"{prefix}{name}"
             if key in keys:

@@ -71,20 +71,44 @@ class LoRAConfig:
                           target_modules=list(self.target_modules), bias="none")
 
 
-def add_adapters(model: nn.Module, cfg: LoRAConfig, trainable: tuple[str, ...] = ()) -> nn.Module:
+def add_adapters(model: nn.Module, cfg: LoRAConfig, trainable: tuple[str, ...] = (), seed: int = 0) -> nn.Module:
     """Inject ``cfg``'s adapters into ``model`` in place and freeze every other parameter except those whose name
     starts with one of ``trainable`` (e.g. the critic's heads). A target that matches no module is an error naming
-    it."""
+    it. The adapters' random initialisation draws from a generator seeded with ``seed``, not from the global RNG,
+    so a run builds the same adapters whatever ran before it (and a resumed run's are overwritten anyway)."""
     from peft import inject_adapter_in_model
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.target_modules if t not in names]
     if missing:
         raise ValueError(f"model.lora.target_modules: no module named {missing[0]!r} in {type(model).__name__}")
-    inject_adapter_in_model(cfg.peft_config(), model, adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(cfg.peft_config(), model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name or name.startswith(trainable))
     return model
+
+
+def init_materialized_adapters(model: nn.Module, seed: int) -> None:
+    """Initialise adapters that ``loading.materialize`` allocated empty (FSDP2 builds on the meta device and the base
+    checkpoint has no adapter): ``lora_A`` as peft draws it (Kaiming-uniform, a = sqrt(5)) from a generator seeded
+    per tensor, each rank copying its own shard of the same full draw; ``lora_B`` zero, so the adapted model starts
+    as the base model."""
+    import math
+
+    from vapo_pl.loading import _local, _shard_slices
+
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            if ".lora_A." in name:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                fan_in = p.shape[1]
+                bound = math.sqrt(6.0 / ((1 + 5.0) * fan_in))  # kaiming_uniform_ with a = sqrt(5)
+                full = torch.empty(p.shape).uniform_(-bound, bound, generator=g)
+                _local(p).copy_(full[_shard_slices(p)].to(_local(p).dtype))
+            elif ".lora_B." in name:
+                _local(p).zero_()
 
 
 def has_adapters(model: nn.Module | None) -> bool:

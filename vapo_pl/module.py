@@ -262,11 +262,16 @@ class VAPOModule(pl.LightningModule):
                                       cpu_offload=getattr(strategy, "cpu_offload", False))
                     materialize(m, torch.device("cpu") if getattr(strategy, "cpu_offload", False)
                                 else strategy.root_device)
+                    if self.lora is not None:
+                        from vapo_pl.lora import has_adapters, init_materialized_adapters
+
+                        if has_adapters(m):
+                            init_materialized_adapters(m, self.seed + (m is self.critic))
 
     def _build_models(self) -> None:
         self.actor = self.build_actor().train()
         if self.lora is not None:
-            add_adapters(self.actor, self.lora)
+            add_adapters(self.actor, self.lora, seed=self.seed)
         keep_output_head_in_fp32(self.actor)
         if self._evaluating:  # vapo-pl validate / test: the policy alone
             self.actor.eval()
@@ -276,7 +281,7 @@ class VAPOModule(pl.LightningModule):
                 raise ValueError("model.critic_logprob_features is on, but build_critic() returned a critic without a "
                                  "log-prob head (build it with ValueModel.from_pretrained(..., logprob_features=True))")
             if self.lora is not None and self.lora.critic:
-                add_adapters(self.critic, self.lora, trainable=("value_head.", "logprob_head."))
+                add_adapters(self.critic, self.lora, trainable=("value_head.", "logprob_head."), seed=self.seed + 1)
         # with LoRA the reference policy is the actor with its adapters off (``reference_logprobs``): no copy
         if self.algorithm.uses_reference and not self._evaluating and self.lora is None:
             self.ref_model = self.build_actor().eval().requires_grad_(False)
@@ -584,6 +589,7 @@ class VAPOModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         run_state.restore_module_state(self, checkpoint)
 
-    def export_actor(self, path: str) -> None:
-        """Save the actor in Hugging Face format with the tokenizer (``run_state.export_actor``); every rank calls it."""
-        run_state.export_actor(self, path)
+    def export_actor(self, path: str, merged: bool = False) -> None:
+        """Save the actor in Hugging Face format with the tokenizer (``run_state.export_actor``): with LoRA, the peft
+        adapter, and with ``merged`` the merged model in ``<path>/merged`` too; every rank calls it."""
+        run_state.export_actor(self, path, merged=merged)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import fields
@@ -101,16 +102,28 @@ def reference_keys_not_required(module: nn.Module, incompatible_keys: Any) -> No
         keys[:] = [k for k in keys if not k.startswith("ref_model.") and ".ref_model." not in k]
 
 
-def export_actor(m: VAPOModule, path: str) -> None:
-        """Save the actor in Hugging Face format (with the tokenizer), loadable by vLLM and transformers.
+def export_actor(m: VAPOModule, path: str, merged: bool = False) -> None:
+        """Save the actor in Hugging Face format (with the tokenizer), loadable by vLLM and transformers. A LoRA
+        actor is saved as its peft adapter (``adapter_model.safetensors``, ``adapter_config.json``), and with
+        ``merged`` also as the merged model in ``<path>/merged``.
 
         Every rank takes part (sharded weights are gathered); rank 0 writes into a temporary directory next to
         ``path`` and renames it into place, so ``path`` is either complete or absent, and an existing ``path`` is
         replaced."""
         from vapo_pl.parallel import full_state_on_rank0
 
-        state = full_state_on_rank0(m.actor, m.trainer.strategy)  # host copies on rank 0 only
-        if m.global_rank == 0:
+        keep = m.global_rank == 0
+        adapter = merged_state = None
+        if m.lora is not None:
+            from vapo_pl.lora import adapter_items, full_tensors, merged_items
+
+            adapter = {k: t.detach().to("cpu", copy=True) for k, t in full_tensors(adapter_items(m.actor))}
+            if merged:
+                merged_state = {k: t.detach().to("cpu", copy=True) for k, t in full_tensors(merged_items(m.actor))}
+            state = None
+        else:
+            state = full_state_on_rank0(m.actor, m.trainer.strategy)  # host copies on rank 0 only
+        if keep:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
@@ -118,8 +131,22 @@ def export_actor(m: VAPOModule, path: str) -> None:
             for leftover in (tmp, old):
                 if leftover.exists():
                     shutil.rmtree(leftover)
-            m.actor.save_pretrained(tmp, state_dict=state)
-            m.rollout_data.load_tokenizer().save_pretrained(tmp)
+            tokenizer = m.rollout_data.load_tokenizer()
+            if adapter is not None:
+                from safetensors.torch import save_file
+
+                from vapo_pl.lora import peft_config_dict
+
+                tmp.mkdir()
+                save_file(adapter, str(tmp / "adapter_model.safetensors"))
+                (tmp / "adapter_config.json").write_text(
+                    json.dumps(peft_config_dict(m.lora, m.model_path), indent=2) + "\n")
+                if merged_state is not None:
+                    m.actor.save_pretrained(tmp / "merged", state_dict=merged_state)
+                    tokenizer.save_pretrained(tmp / "merged")
+            else:
+                m.actor.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
             if target.exists():
                 target.rename(old)
             tmp.rename(target)
