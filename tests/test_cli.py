@@ -135,6 +135,10 @@ MISTAKES = {
     "fp16 loss scaling": (["--trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "bf16-mixed"]),
     "tensor parallel in one process": (["--data.init_args.engine.tensor_parallel_size=2"],
                                        ["data.engine.tensor_parallel_size=2", "--trainer.devices 2"]),
+    "LoRA rank": (["--model.init_args.lora.rank=0"], ["model.lora.rank", ">= 1"]),
+    "LoRA sync": (["--model.init_args.lora.sync=files"], ["model.lora.sync", "adapter, merged", "'files'"]),
+    "LoRA under ZeRO-3": (["--model.init_args.lora.rank=8", "--config", str(REPO / "configs/strategies/deepspeed_zero3.yaml")],
+                          ["model.lora", "ZeRO-3", "ZeRO-2, FSDP2 or DDP"]),
 }
 
 

@@ -150,6 +150,13 @@ DEFINING = {
         "trainer.callbacks.0.init_args.explained_variance_threshold": 0.5,
         "trainer.accelerator": "cpu",
     },
+    "demo_lora.yaml": {  # the demo's VAPO settings, training rank-8 adapters of actor and critic
+        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=1.0, eps_low=0.2, eps_high=0.28,
+               loss_agg_mode="token-mean", nll_coef=0.1),
+        **data(prompts_per_step=16, samples_per_prompt=8, temperature=1.0),
+        "model.init_args.lora.rank": 8, "model.init_args.lora.critic": True, "model.init_args.lora.sync": "adapter",
+        "trainer.accelerator": "cpu",
+    },
     "demo_tools.yaml": {  # the seven techniques on multi-turn episodes with the sandboxed calculator
         **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=1.0, eps_low=0.2, eps_high=0.28,
                loss_agg_mode="token-mean", nll_coef=0.1),

@@ -179,8 +179,9 @@ def validate_run_config(cfg, training: bool = True) -> None:
 
         lora = _build(LoRAConfig, lora, "")  # its errors name model.lora.<field>
         strategy = str(_get(cfg, "trainer.strategy.class_path", _get(cfg, "trainer.strategy", "")) or "")
-        stage = _get(cfg, "trainer.strategy.init_args.stage",
-                     _get(cfg, "trainer.strategy.init_args.config.zero_optimization.stage"))
+        # a DeepSpeed config's own stage wins over the strategy's argument (as DeepSpeed reads them)
+        stage = _get(cfg, "trainer.strategy.init_args.config.zero_optimization.stage",
+                     _get(cfg, "trainer.strategy.init_args.stage"))
         if "DeepSpeed" in strategy and stage == 3:
             raise ConfigError("model.lora with DeepSpeed ZeRO-3 is not supported (adapters are synced from whole "
                               "parameters); use ZeRO-2, FSDP2 or DDP")
