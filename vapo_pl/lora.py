@@ -8,22 +8,18 @@ frozen weight is ``<name>.base_layer.weight`` and whose adapter is ``<name>.lora
 optimizer holds only those.
 
 - The reference policy is the actor with its adapters switched off (``adapters_disabled``): no second model.
-- Sync to vLLM: ``adapter_items`` (peft's names, a few MB) written as a peft adapter directory (``save_adapter``) that
-  the engine loads as a new adapter version; or, with ``lora.sync: merged``, ``merged_items`` streams full weights
-  with the adapter folded in, under the base model's names.
-- Export: ``save_adapter`` writes the peft format that peft and vLLM load; ``merged_items`` gives the merged model.
+- Sync to vLLM: ``adapter_items`` (peft's names, a few MB), written as a peft adapter directory that the engine loads
+  as a new adapter version (``VLLMEngine.load_adapter``); or, with ``lora.sync: merged``, ``merged_items`` streams
+  full weights with the adapter folded in, under the base model's names.
+- Export (``run_state.export_actor``): ``adapter_items`` in peft's format, and ``merged_items`` for the merged model.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -157,38 +153,6 @@ def merged_items(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator
         else:
             out = t.detach()
             yield name.replace(".base_layer.", "."), out if dtype is None else out.to(dtype)
-
-
-def save_adapter(model: nn.Module, cfg: LoRAConfig, path: str | Path, base_model: str) -> Path:
-    """Write ``model``'s adapter as a peft adapter directory (``adapter_model.safetensors`` and
-    ``adapter_config.json``), atomically: written to a temporary directory next to ``path`` and renamed over it."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        tensors = {k: v.contiguous().cpu() for k, v in adapter_items(model)}
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        (tmp / "adapter_config.json").write_text(json.dumps(peft_config_dict(cfg, base_model), indent=2) + "\n")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}-old-{os.getpid()}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def lora_summary(model: nn.Module) -> dict[str, int]:
-    """Trainable and total parameter counts (for the start summary and the benchmark)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-
-
 
 
 def full_tensors(items: Iterator[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
