@@ -56,9 +56,10 @@ def test_reference_logprobs_are_the_base_models(make_run, tiny_model_dir):
     mask = batch.response_mask
     assert (ref - want)[mask].abs().max() < 1e-6
     assert (trained - want)[mask].abs().max() > 1e-3  # the adapters do change the policy
+    layers = [m for m in module.actor.modules() if hasattr(m, "lora_A")]
     with adapters_disabled(module.actor):
-        pass
-    assert all(m.active_adapters for m in module.actor.modules() if hasattr(m, "lora_A"))
+        assert layers and all(m.disable_adapters for m in layers)
+    assert not any(m.disable_adapters for m in layers)  # switched back on after the block
 
 
 @pytest.mark.parametrize("sync", ["adapter", "merged"])
