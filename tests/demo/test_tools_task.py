@@ -64,3 +64,29 @@ def test_loss_is_finite_and_learns(tmp_path):
         loss.backward()
         opt.step()
     assert torch.isfinite(loss) and float(loss) < first / 2
+
+
+def test_demo_batches_are_plain_encodes_bucketed_by_length():
+    """The memoised encoder gives the ids ``encode`` gives, and each batch is a run of similar lengths: a batch's
+    longest demonstration is shorter than the padding an unsorted batch of the same draws would need."""
+    from vapo_pl.demo import base_policy
+    from vapo_pl.demo.tools import demo_batches
+
+    tok = build_char_tokenizer()
+    spec = ToolSpec(base=base_policy.BaseSpec(batch_size=8))
+    problems, _ = task.generate_splits(spec.base.task)
+    batches = demo_batches(tok, problems[:50], spec, random.Random(3))
+    drawn = [next(batches) for _ in range(base_policy.BUCKET_BATCHES)]
+    flat = [d for b in drawn for d in b]
+    assert len(flat) == 8 * base_policy.BUCKET_BATCHES
+    rng = random.Random(3)  # the same draws, encoded one by one without the memo
+    plain = []
+    for p in rng.choices(problems[:50], k=len(flat)):
+        use_tool = rng.random() < spec.p_tool
+        plain.append(encode(tok, p, use_tool, task.sample_forgotten(p, rng, spec.base.p_forget), spec))
+    key = lambda d: (d.ids, d.labels, d.forks)
+    assert sorted(map(key, flat)) == sorted(map(key, plain))
+    assert any(d.ids != plain[0].ids for d in plain)  # the draws differ, so the comparison above can fail
+    padded = sum(max(len(d.ids) for d in b) * len(b) for b in drawn)
+    unsorted = sum(max(len(d.ids) for d in plain[i : i + 8]) * 8 for i in range(0, len(plain), 8))
+    assert padded < 0.9 * unsorted
