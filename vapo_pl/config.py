@@ -13,6 +13,7 @@ from vapo_pl.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageParams
 from vapo_pl.algorithms.aggregation import AGG_MODES
 from vapo_pl.algorithms.kl import KL_ESTIMATORS
 from vapo_pl.algorithms.policy_losses import POLICY_LOSSES, PolicyLossParams
+from vapo_pl.algorithms.rollout_correction import ROLLOUT_CORRECTIONS, CorrectionParams
 
 
 @dataclass
@@ -43,6 +44,11 @@ class AlgorithmConfig:
     kl_loss_coef: float = 0.0  # weight of a KL(pi || pi_ref) loss term (GRPO style; loads a reference model)
     kl_loss_estimator: str = "k3"  # k1 | k2 | k3 for the loss term
     mask_truncated: bool = False  # DAPO: drop truncated samples from the policy loss
+    # sampler/trainer mismatch correction of the policy loss: none | token_tis | seq_tis | token_mis | seq_mis
+    rollout_correction: str = "none"
+    tis_cap: float = 2.0  # C of the TIS weights min(pi_old / mu, C) (Yao et al. 2025: 2)
+    mis_low: float = 0.5  # MIS keeps tokens (or sequences) whose pi_old / mu lies in [mis_low, mis_high]
+    mis_high: float = 2.0
     max_abs_reward: float = 1e4  # a token reward beyond this (or non-finite) skips the RL step's update
     max_skipped_steps: int = 3  # this many skipped RL steps in a row stop the run
     ppo_epochs: int = 1  # passes over each rollout batch
@@ -72,9 +78,13 @@ class AlgorithmConfig:
                 raise ValueError(f"algorithm.{name}: unknown {getattr(self, name)!r}; valid: {', '.join(KL_ESTIMATORS)}")
         if not (isinstance(self.adv_eps, (int, float)) and 0 < self.adv_eps < math.inf):
             raise ValueError(f"algorithm.adv_eps must be a finite number > 0, got {self.adv_eps!r}")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise ValueError(f"algorithm.rollout_correction: unknown {self.rollout_correction!r}; valid: "
+                             f"{', '.join(ROLLOUT_CORRECTIONS.names())}")
         try:
             self.advantage_params()
             self.policy_loss_params()
+            self.correction_params()
         except ValueError as e:
             raise ValueError(f"algorithm.{e}") from None
         if not self.eps_low <= 1:  # the lower clip bound 1 - eps_low is a ratio: >= 0 (CISPO's 1.0 = no lower bound)
@@ -136,6 +146,9 @@ class AlgorithmConfig:
 
     def policy_loss_params(self) -> PolicyLossParams:
         return PolicyLossParams(eps_low=self.eps_low, eps_high=self.eps_high, dual_clip_c=self.dual_clip_c)
+
+    def correction_params(self) -> CorrectionParams:
+        return CorrectionParams(tis_cap=self.tis_cap, mis_low=self.mis_low, mis_high=self.mis_high)
 
 
 @dataclass

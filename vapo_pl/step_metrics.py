@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vapo_pl.algorithms.advantages import AdvantageOutputs
+from vapo_pl.algorithms.rollout_correction import mismatch_metrics
 from vapo_pl.algorithms.utils import masked_mean
 from vapo_pl.algorithms.value import explained_variance
 from vapo_pl.batch import PreparedBatch, RolloutBatch
@@ -44,6 +45,8 @@ def rollout_metrics(batch: RolloutBatch, prep: PreparedBatch, adv: AdvantageOutp
     }
     if prep.entropy is not None:
         m["actor/entropy"] = float(masked_mean(prep.entropy, mask))
+    if prep.old_logp is not None:  # the trainer's log-probs of the sampled tokens against the sampler's
+        m.update(mismatch_metrics(prep.old_logp, batch.rollout_logprobs, mask))
     if prep.old_values is not None:
         m["critic/values_mean"] = float(masked_mean(prep.old_values, mask))
         m["critic/explained_var"] = float(explained_variance(prep.old_values, adv.returns, mask))

@@ -21,6 +21,7 @@ from vapo_pl.algorithms.aggregation import aggregate
 from vapo_pl.algorithms.kl import kl_estimate
 from vapo_pl.algorithms.nll import positive_example_nll
 from vapo_pl.algorithms.policy_losses import POLICY_LOSSES
+from vapo_pl.algorithms.rollout_correction import ROLLOUT_CORRECTIONS
 from vapo_pl.algorithms.value import value_loss
 from vapo_pl.parallel import gradient_sync
 
@@ -229,9 +230,16 @@ class Updater:
         else:
             old = prep.old_logp[idx]
         pg = POLICY_LOSSES.get(cfg.policy_loss)(logp, old, adv.advantages[idx], mask, cfg.policy_loss_params())
+        ratios = {f"actor/{k}": v for k, v in pg.stats.items()}
+        pg_loss = pg.loss
+        if cfg.rollout_correction != "none":  # the sampler drew the tokens: reweight (TIS) or drop (MIS) them
+            corr = ROLLOUT_CORRECTIONS.get(cfg.rollout_correction)(old, mb.rollout_logprobs, mask,
+                                                                   cfg.correction_params())
+            pg_loss = pg_loss * corr.weights
+            ratios.update({f"rollout_correction/{k}": v for k, v in corr.stats.items()})
         # a constant divisor (Dr.GRPO): data.max_response_length, not this batch's padded width
         norm_length = cfg.norm_length or m.max_response_length or mask.shape[1]
-        loss = aggregate(pg.loss, mask, cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok,
+        loss = aggregate(pg_loss, mask, cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok,
                          num_seqs=n_seqs)
         terms = {"actor/pg_loss": loss.detach()}
         if cfg.nll_coef > 0:
@@ -243,7 +251,7 @@ class Updater:
                            cfg.loss_agg_mode, norm_length=norm_length, num_tokens=n_tok, num_seqs=n_seqs)
             loss = loss + cfg.kl_loss_coef * kl
             terms["actor/kl_loss"] = kl.detach()
-        return loss, terms, {f"actor/{k}": v for k, v in pg.stats.items()}
+        return loss, terms, ratios
 
     def critic_loss(self, batch, prep, adv, idx, n_tok, host_idx=None) -> tuple[Tensor, dict[str, Tensor]]:
         """Clipped value loss toward the ``lambda_critic`` returns for micro-batch ``idx`` (token mean over the
