@@ -66,6 +66,7 @@ def test_the_update_scales_each_tokens_gradient_by_its_weight(make_run, name):
         loss, _, stats = module.updater.actor_loss(batch, PreparedBatch(old_logp=prep.old_logp), adv, idx,
                                                    batch.response_mask, n_tok, n_tok, len(batch))
         loss.backward()
+        assert ("rollout_correction/weight_mean" in stats) == (key != "none")
     weights = ROLLOUT_CORRECTIONS.get(name)(prep.old_logp, batch.rollout_logprobs, batch.response_mask,
                                             module.algorithm.correction_params()).weights
     assert torch.allclose(grads[name], weights * grads["none"], atol=1e-9)
