@@ -10,7 +10,8 @@ load hits both alike; the first ``--warmup`` steps of a run are not counted.
 Also: VAPO (GAE with a critic) on the same workload, for VAPO step / GRPO step; the training pass against the
 machine's FLOP bound (6 x parameters x real tokens at the fp32 matmul rate measured here); and the packed and
 reused-forward paths against the padded two-forward path (``--runs grpo grpo-padded``), and bf16-mixed
-training against fp32 (``--runs grpo grpo-bf16``).
+training against fp32 (``--runs grpo grpo-bf16``), and overlapped rollouts (``data.max_staleness: 1``, the engine in its
+own process generating the next batch during the update, token TIS) against on-policy (``--runs grpo grpo-overlap``).
 
 TRL is not a dependency of vapo-pl. Install it into a separate environment layered on the project's venv:
 
@@ -78,7 +79,8 @@ def build_workload() -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- the runs
-def run_vapo(steps: int, estimator: str, packing: bool, reuse: bool, precision: str = "32-true") -> dict:
+def run_vapo(steps: int, estimator: str, packing: bool, reuse: bool, precision: str = "32-true",
+             overlap: bool = False) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import lightning.pytorch as pl
@@ -93,13 +95,14 @@ def run_vapo(steps: int, estimator: str, packing: bool, reuse: bool, precision: 
     gae = estimator == "gae"
     algo = AlgorithmConfig(estimator=estimator, kl_loss_coef=0.0, kl_reward_coef=0.0, ppo_epochs=1,
                            minibatch_size=PROMPTS * SAMPLES, micro_batch_size=MICRO, nll_coef=0.1 if gae else 0.0,
-                           length_adaptive_alpha=0.05 if gae else None)
+                           length_adaptive_alpha=0.05 if gae else None,
+                           rollout_correction="token_tis" if overlap else "none")
     module = VAPOModule(model_path=str(model), algorithm=algo, optim=OptimConfig(actor_lr=1e-5, critic_lr=1e-5),
                         packing=packing, reuse_update_forward=reuse)
     dm = RolloutDataModule(train_files=str(data), template=TEMPLATE, max_prompt_length=16,
                            max_response_length=MAX_NEW, prompts_per_step=PROMPTS, samples_per_prompt=SAMPLES,
                            engine=EngineConfig(kind="vllm", dtype="float32"),
-                           reward=[RewardTerm(name="benchmarks.vs_trl:vapo_reward")])
+                           reward=[RewardTerm(name="benchmarks.vs_trl:vapo_reward")], max_staleness=int(overlap))
     records: list[dict] = []
 
     class Timer(pl.Callback):
@@ -194,6 +197,7 @@ def _summary(records: list[dict], warmup: int) -> dict:
     return {"step_s": mean("step_s"), "spread": (min(r["step_s"] for r in kept), max(r["step_s"] for r in kept)),
             "generate_s": mean("perf/generate_s"), "forward_s": mean("perf/forward_s"),
             "update_s": mean("perf/update_s"), "sync_s": mean("perf/sync_s"), "rollout_s": mean("perf/rollout_s"),
+            "wait_s": mean("perf/rollout_wait_s") if kept and "perf/rollout_wait_s" in kept[0] else 0.0,
             "length": mean("rollout/response_length_mean") if "rollout/response_length_mean" in kept[0]
             else mean("completions/mean_length"), "real_tokens": mean("real_tokens"), "steps": len(kept)}
 
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the runs")
     ap.add_argument("--runs", nargs="+", default=["trl", "grpo", "vapo"],
-                    choices=["trl", "grpo", "vapo", "grpo-padded", "grpo-bf16"],
+                    choices=["trl", "grpo", "vapo", "grpo-padded", "grpo-bf16", "grpo-overlap"],
                     help="which runs (the others than trl are vapo-pl)")
     ap.add_argument("--trl-python", default=str(REPO / ".venv-bench" / "bin" / "python"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -215,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                  "grpo": lambda: run_vapo(args.steps, "grpo", packing=True, reuse=True),
                  "grpo-padded": lambda: run_vapo(args.steps, "grpo", packing=False, reuse=False),
                  "vapo": lambda: run_vapo(args.steps, "gae", packing=True, reuse=True),
-                 "grpo-bf16": lambda: run_vapo(args.steps, "grpo", packing=True, reuse=True, precision="bf16-mixed")}
+                 "grpo-bf16": lambda: run_vapo(args.steps, "grpo", packing=True, reuse=True, precision="bf16-mixed"),
+                 "grpo-overlap": lambda: run_vapo(args.steps, "grpo", packing=True, reuse=True, overlap=True)}
         Path(args.out).write_text(json.dumps(kinds[args.child]()))
         return
     build_workload()
@@ -240,13 +245,14 @@ def main(argv: list[str] | None = None) -> None:
           f"fastest of {len(rates)} probes: {', '.join(f'{x:.0f}' for x in rates)})")
     print(f"workload: {PROMPTS} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, micro-batches of {MICRO}, "
           f"model {results[args.runs[0]][0]['params'] / 1e6:.2f} M parameters\n")
-    print("| run | s/step (each round) | generate | old log-prob forward | update | sync | mean length |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | s/step (each round) | generate | old log-prob forward | update | wait for the batch ahead | sync "
+          "| mean length |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, rs in results.items():
         steps = " / ".join(f"{x['step_s']:.2f}" for x in rs)
         avg = lambda k: statistics.mean(x[k] for x in rs)  # noqa: E731
         print(f"| {kind} | {steps} | {avg('generate_s'):.2f} | {avg('forward_s'):.2f} | {avg('update_s'):.2f} | "
-              f"{avg('sync_s'):.2f} | {avg('length'):.1f} |")
+              f"{avg('wait_s'):.2f} | {avg('sync_s'):.2f} | {avg('length'):.1f} |")
     step = {k: statistics.mean(x["step_s"] for x in rs) for k, rs in results.items()}
     if "trl" in step and "grpo" in step:
         print(f"\nvapo-pl GRPO step / TRL step: {step['grpo'] / step['trl']:.2f}")
@@ -255,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     if "grpo-bf16" in step and "grpo" in step:
         print(f"GRPO bf16-mixed / fp32: {step['grpo-bf16'] / step['grpo']:.2f} (log-prob error: "
               "benchmarks/precision.py)")
+    if "grpo-overlap" in step and "grpo" in step:
+        on = results["grpo"]
+        floor = statistics.mean(max(x["generate_s"], x["forward_s"] + x["update_s"]) + x["sync_s"] for x in on)
+        print(f"GRPO overlapped (max_staleness 1) / on-policy: {step['grpo-overlap'] / step['grpo']:.2f}; the "
+              f"on-policy phases give max(generate, forward + update) + sync = {floor:.2f} s/step as the floor of "
+              f"perfect overlap ({floor / step['grpo']:.2f} of on-policy)")
     if "grpo-padded" in step and "grpo" in step:
         print(f"GRPO packed + one forward / padded + two forwards: {step['grpo'] / step['grpo-padded']:.2f}")
     if "grpo" in results:

@@ -198,9 +198,29 @@ def validate_run_config(cfg, training: bool = True) -> None:
     prompts = int(_get(data, "prompts_per_step", 8))
     samples = int(_get(data, "samples_per_prompt", 4))
     world = _world_size(_get(cfg, "trainer"))
+    staleness = _get(data, "max_staleness", 0)
+    if staleness:
+        try:
+            check_overlap(algo, world, lora is not None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check_batch(algo, prompts, samples, world)
     _check_parallel(cfg, data, world)
     _check_callbacks(cfg, algo, data)
+
+
+def check_overlap(algo, world: int, lora: bool) -> None:
+    """What overlapped rollouts (``data.max_staleness`` 1) need besides the DataModule's own fields; raises
+    ``ValueError`` (one line). The module checks the same at fit start for runs built in Python."""
+    if algo.rollout_correction == "none":
+        raise ValueError("data.max_staleness=1 trains on samples drawn by the previous weights: set "
+                         "model.algorithm.rollout_correction (token_tis is the decoupled PPO form)")
+    if world > 1:
+        raise ValueError("data.max_staleness=1 runs on one device for now (the rollout generated ahead would run its "
+                         "collectives alongside the update's); use max_staleness 0 with several devices")
+    if lora:
+        raise ValueError("data.max_staleness=1 with model.lora is not supported yet (the engine in its own process "
+                         "takes full weights only)")
 
 
 def _check_parallel(cfg, data, world: int) -> None:

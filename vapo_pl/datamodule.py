@@ -46,7 +46,7 @@ class _RolloutStream(IterableDataset):
 
     def __iter__(self) -> Iterator[RolloutBatch]:
         while True:
-            batch = self.dm.next_batch()
+            batch = self.dm.next_training_batch()
             if batch is None:  # this rank's shard is exhausted: the epoch ends
                 self.dm.start_new_epoch()
                 return
@@ -94,6 +94,12 @@ class RolloutDataModule(pl.LightningDataModule):
             and ``reward: []`` leaves the reward to the environment.
         episode: limits of a multi-turn episode (``max_turns``, ``max_total_tokens``, ``max_observation_tokens``).
         env_workers: threads that run the environments' steps of one turn concurrently.
+        max_staleness: 0 (default): strictly on-policy, each step generates its batch with the weights of the
+            previous update. 1: overlapped rollouts, one step off-policy: while the trainer updates on batch ``k``,
+            the engine (in its own process) generates batch ``k + 1`` with the weights it last received, so every
+            sample is trained on at most one weight version after the one that drew it. Needs
+            ``model.algorithm.rollout_correction`` (the decoupled PPO form: clip against the trainer's log-probs at
+            update time, reweight by their ratio to the sampler's) and the vllm engine on one rank.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class RolloutDataModule(pl.LightningDataModule):
         environment: str | dict | None = None,
         episode: EpisodeLimits | dict | None = None,
         env_workers: int = 8,
+        max_staleness: int = 0,
     ) -> None:
         super().__init__()
         for name, value, lo in (
@@ -150,6 +157,9 @@ class RolloutDataModule(pl.LightningDataModule):
                 "top_k=-1) because the trainer's log-probs do not apply the same mask; use them only in "
                 "evaluation sampling"
             )
+        if isinstance(max_staleness, bool) or max_staleness not in (0, 1):
+            raise ValueError(f"data.max_staleness must be 0 (on-policy) or 1 (one batch generated ahead, while the "
+                             f"trainer updates), got {max_staleness!r}")
         if template != "chat" and "{prompt}" not in template:
             raise ValueError(f"data.template must be 'chat' or contain '{{prompt}}', got {template!r}")
         self.train_files = train_files
@@ -173,6 +183,15 @@ class RolloutDataModule(pl.LightningDataModule):
                              "data.environment, whose rewards are then the only ones)")
         self.reward_fn = CompositeReward(self.reward_terms) if self.reward_terms else None
         self.engine_config = EngineConfig(**engine) if isinstance(engine, dict) else engine or EngineConfig()
+        self.max_staleness = max_staleness
+        if max_staleness and self.engine_config.kind != "vllm":
+            raise ValueError("data.max_staleness=1 needs data.engine.kind: vllm (overlapped rollouts run the engine "
+                             "in its own process; the hf engine generates with the trainer's actor)")
+        if max_staleness and self.engine_config.tensor_parallel_size != 1:
+            raise ValueError("data.max_staleness=1 needs data.engine.tensor_parallel_size: 1")
+        self._prefetch = None  # the next batch's generation, running while the trainer updates (max_staleness 1)
+        self._prefetch_pool = None
+        self._ahead: RolloutBatch | None = None  # a finished batch generated ahead (or restored from a checkpoint)
         self.model_path = model_path
         self.greedy_baseline = greedy_baseline
         self.ptx_files = ptx_files
@@ -371,8 +390,13 @@ class RolloutDataModule(pl.LightningDataModule):
                 cfg = cfg.with_overrides(block_size=32)  # see EngineConfig.block_size
             replica = self.replica_layout()[0]
             seed = derive_seed(self.seed, replica) % 2**31  # vLLM seeds numpy, which takes 32 bits
-            self._engine = build_engine(cfg, self._model_dir(), seed=seed, rank=self.rank,
-                                        local_rank=self._device_index(), shared_model=self._shared_actor)
+            if self.max_staleness:
+                from vapo_pl.rollout.process_engine import ProcessEngine
+
+                self._engine = ProcessEngine(self._model_dir(), cfg, seed=seed)
+            else:
+                self._engine = build_engine(cfg, self._model_dir(), seed=seed, rank=self.rank,
+                                            local_rank=self._device_index(), shared_model=self._shared_actor)
             self._asleep = False
         return self._engine
 
@@ -395,6 +419,7 @@ class RolloutDataModule(pl.LightningDataModule):
         generated from now on carry ``version``. A sleeping engine takes the weights without waking its KV
         cache (vLLM wakes only the weights); the next generate call wakes the rest."""
         self._pending_weights = None
+        self.wait_for_rollout()  # the engine finishes the batch it is generating ahead with the weights it has
         self.engine.update_weights(items)
         self.weight_version = version
 
@@ -405,6 +430,7 @@ class RolloutDataModule(pl.LightningDataModule):
         under a private temporary directory (vLLM loads adapters from directories); an engine that shares the
         trainer's actor (``hf``) has it already."""
         self._pending_weights = None
+        self.wait_for_rollout()
         engine = self.engine
         if not hasattr(engine, "load_adapter"):
             raise ValueError(f"model.lora.sync=adapter: the {type(engine).__name__} engine cannot load adapters; "
@@ -492,8 +518,14 @@ class RolloutDataModule(pl.LightningDataModule):
         self.cursor = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "batches_served": self.batches_served,
-                "ptx_epoch": self.ptx_epoch, "ptx_cursor": self.ptx_cursor}
+        """The data position; with ``max_staleness`` 1 also the batch generated ahead (its prompts are already
+        counted in the position), so a resumed run trains on exactly the batch the uninterrupted run would have."""
+        state = {"epoch": self.epoch, "cursor": self.cursor, "batches_served": self.batches_served,
+                 "ptx_epoch": self.ptx_epoch, "ptx_cursor": self.ptx_cursor}
+        if self.max_staleness:
+            self.wait_for_rollout()
+            state["ahead"] = None if self._ahead is None else batch_state(self._ahead)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict["epoch"]
@@ -501,6 +533,12 @@ class RolloutDataModule(pl.LightningDataModule):
         self.batches_served = state_dict["batches_served"]
         self.ptx_epoch = state_dict.get("ptx_epoch", 0)
         self.ptx_cursor = state_dict.get("ptx_cursor", 0)
+        ahead = state_dict.get("ahead")
+        if self.max_staleness:
+            self._ahead = None if ahead is None else RolloutBatch(**ahead)
+        elif ahead is not None:
+            raise ValueError("the checkpoint was written with data.max_staleness=1 (it holds a batch generated ahead); "
+                             "resume it with the same setting")
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the stream already yields whole batches; workers=0: the engine lives here.
@@ -519,6 +557,48 @@ class RolloutDataModule(pl.LightningDataModule):
             self.batches_served += 1
         return out
 
+    def next_training_batch(self) -> RolloutBatch | None:
+        """The next RL step's batch. On-policy (``max_staleness`` 0): ``next_batch``, generated now. Overlapped: the
+        batch generated ahead during the previous step (generated now only when there is none: the first step, a new
+        epoch), and the generation of the one after it started in the background with the engine's current weights;
+        ``sync_weights`` waits for that generation before it loads new weights."""
+        if not self.max_staleness:
+            return self.next_batch()
+        self.wait_for_rollout()
+        batch, self._ahead = self._ahead, None
+        if batch is None:
+            batch = self.next_batch()
+            if batch is None:
+                return None
+        if self._prefetch_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="vapo-rollout")
+        self._prefetch = self._prefetch_pool.submit(self.next_batch)
+        return batch
+
+    def wait_for_rollout(self) -> None:
+        """Wait for a generation running ahead (``max_staleness`` 1) and keep its batch; its error, if it failed,
+        is raised here."""
+        future, self._prefetch = self._prefetch, None
+        if future is not None:
+            self._ahead = future.result()
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Finish (and drop) a generation running ahead and stop an engine that runs in its own process."""
+        if self._prefetch is not None:
+            try:
+                self.wait_for_rollout()
+            except Exception as e:  # noqa: BLE001 - the run is over; its own error, if any, is already raised
+                log.warning("the rollout generated ahead failed at the end of the run: %s", e)
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown()
+            self._prefetch_pool = None
+        close = getattr(self._engine, "close", None)
+        if self.max_staleness and close is not None:
+            close()
+            self._engine = None
+
     def concat(self, batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """One batch of all rows of ``batches`` (re-padded to the widest prompt and response; groups renumbered)."""
         return concat_groups(list(batches), sum(len(b) for b in batches), self._pad_id())
@@ -529,6 +609,7 @@ class RolloutDataModule(pl.LightningDataModule):
         gives the sampling of the call starting at held-out prompt ``first``. ``indices`` must be the same on every
         rank of a tensor-parallel group (``deal``); each rank gets its share of every call's prompts. No greedy
         baselines (those are for training batches). The engine sleeps again when the iteration ends or is abandoned."""
+        self.wait_for_rollout()
         return self.rollout.evaluate(indices, sampling, prompts_per_call)
 
     def _generate(self, idx: list[int], sampling: Sampling, records: list[PromptRecord],
@@ -540,6 +621,14 @@ class RolloutDataModule(pl.LightningDataModule):
     def _pad_id(self) -> int:
         tok = self.load_tokenizer()
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+def batch_state(batch: RolloutBatch) -> dict[str, Any]:
+    """``batch`` as a plain dict of CPU tensors and primitives (a checkpoint loads it with ``weights_only``)."""
+    from dataclasses import fields
+
+    cpu = batch.to("cpu")
+    return {f.name: getattr(cpu, f.name) for f in fields(cpu) if f.name != "host"}
+
 
 def _cpu_only() -> bool:
     return not torch.cuda.is_available()
