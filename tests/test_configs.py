@@ -28,6 +28,16 @@ PAPER = CONFIG_DIR / "vapo_qwen2.5_32b.yaml"
 RM_CONFIGS = sorted(CONFIG_DIR.glob("rm_*.yaml"))  # reward-model training: vapo-pl-rm's parser
 FULL = sorted(set(CONFIG_DIR.glob("*.yaml")) - set(RM_CONFIGS))
 OVERLAYS = sorted([*CONFIG_DIR.glob("ablations/*.yaml"), *CONFIG_DIR.glob("strategies/*.yaml")])
+DEMO = CONFIG_DIR / "demo.yaml"
+# overlays of the demo config (their headers say so): {file stem: {dotted path: value it sets}}
+DEMO_OVERLAYS = {
+    "bf16_engine_token_tis": {"data.init_args.engine.dtype": "bfloat16",
+                              "model.init_args.algorithm.rollout_correction": "token_tis",
+                              "model.init_args.algorithm.tis_cap": 2.0},
+    "one_step_off_policy": {"data.init_args.max_staleness": 1,
+                            "model.init_args.algorithm.rollout_correction": "token_tis"},
+}
+DEMO_OVERLAY_FILES = sorted([*CONFIG_DIR.glob("mismatch/*.yaml"), *CONFIG_DIR.glob("overlap/*.yaml")])
 STAND_IN_PROMPTS = "vapo_pl/data/gsm8k_test.jsonl"  # an existing prompt file (validation checks existence)
 
 
@@ -116,9 +126,9 @@ def paper_printed(parser):
 def test_every_yaml_is_covered():
     """A YAML in a new folder would otherwise never be parsed by these tests."""
     everything = set(CONFIG_DIR.rglob("*.yaml")) | set(CONFIG_DIR.rglob("*.yml"))
-    assert everything == set(FULL) | set(OVERLAYS) | set(RM_CONFIGS)
+    assert everything == set(FULL) | set(OVERLAYS) | set(RM_CONFIGS) | set(DEMO_OVERLAY_FILES)
     assert len(FULL) >= 12 and len(OVERLAYS) >= 11
-    for overlay in OVERLAYS:  # an overlay states only what it changes: no class, no model path
+    for overlay in OVERLAYS + DEMO_OVERLAY_FILES:  # an overlay states only what it changes: no class, no model path
         text = yaml.safe_load(overlay.read_text())
         assert "model_path" not in leaves(text) and "model.class_path" not in leaves(text), overlay
 
@@ -299,6 +309,21 @@ def test_overlay_on_paper_config(parser, tiny_model_dir, paper_printed, overlay)
         assert budget == paper_budget
 
     validate_run_config(parsed_run_config(parser, tiny_model_dir, PAPER, overlay))
+
+
+@pytest.mark.parametrize("overlay", DEMO_OVERLAY_FILES, ids=_ids(DEMO_OVERLAY_FILES))
+def test_overlay_on_demo_config(parser, tiny_model_dir, overlay):
+    """The mismatch and overlap overlays on the demo config: they set what they say (every header names the demo
+    config), change nothing else, and the result validates as ``vapo-pl fit`` would check it."""
+    assert {p.stem for p in DEMO_OVERLAY_FILES} == set(DEMO_OVERLAYS)
+    assert "configs/demo.yaml" in overlay.read_text()
+    base, printed = printed_config(parser, DEMO), printed_config(parser, DEMO, overlay)
+    expected = DEMO_OVERLAYS[overlay.stem]
+    for path, value in expected.items():
+        assert at(printed, path) == value, path
+    changed = {k for k, v in leaves(printed).items() if leaves(base).get(k) != v}
+    assert changed == {k for k in expected if at(base, k) != expected[k]}
+    validate_run_config(parsed_run_config(parser, tiny_model_dir, DEMO, overlay))
 
 
 def test_configs_do_not_validate_with_their_cluster_paths(parser):
