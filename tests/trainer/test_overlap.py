@@ -89,12 +89,15 @@ class Spans(pl.Callback):
 
 
 def test_overlapped_run_trains_one_version_old_and_resumes_bit_identical(make_run, tmp_path):
-    """One uninterrupted 4-step run: the first batch is generated at the first step, every later one during the
-    previous step's update (its generation starts before that update ends) and trained one weight version after the
-    one that drew it. Then 2 steps, a checkpoint holding the batch generated ahead, and a resume to step 4: the same
-    metrics, versions and final weights, bit for bit."""
+    """One uninterrupted 4-step run with a checkpoint at step 2: the first batch is generated at the first step, every
+    later one during the previous step's update (its generation starts before that update ends) and trained one
+    weight version after the one that drew it; the checkpoint holds the batch generated ahead. A resume from it to
+    step 4 gives the same metrics, versions and final weights, bit for bit."""
     straight, spans = Recorder(), Spans()
-    module, dm, trainer = make_run(**OVERLAP, trainer=dict(max_steps=4, callbacks=[straight, spans]))
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1,
+                           filename="step{step}", auto_insert_metric_name=False)
+    module, dm, trainer = make_run(**OVERLAP, trainer=dict(max_steps=4, callbacks=[straight, spans, ckpt],
+                                                           enable_checkpointing=True))
     trainer.fit(module, dm)
     final = {k: v.clone() for k, v in module.actor.state_dict().items()}
     assert [m["rollout/staleness"] for m in straight.metrics] == [0.0, 1.0, 1.0, 1.0]
@@ -104,20 +107,16 @@ def test_overlapped_run_trains_one_version_old_and_resumes_bit_identical(make_ru
         assert spans.generate[k + 1][0] < spans.update[k][1]
     assert dm._engine is None  # teardown stopped the engine's process
 
-    first = Recorder()
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_last=True, save_top_k=-1)
-    module, dm, trainer = make_run(**OVERLAP, trainer=dict(max_steps=2, callbacks=[first, ckpt],
-                                                           enable_checkpointing=True))
-    trainer.fit(module, dm)
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    step2 = tmp_path / "ckpt" / "step2.ckpt"
+    state = torch.load(step2, weights_only=True)
+    assert state["global_step"] == 2
     ahead = state["RolloutDataModule"]["ahead"]
     assert ahead["weight_version"] == 1 and ahead["input_ids"].shape[0] == 16  # the third batch, drawn during step 2
 
-    second = Recorder()
-    module, dm, trainer = make_run(**OVERLAP, trainer=dict(max_steps=4, callbacks=[second]))
-    trainer.fit(module, dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    resumed = [[m[k] for k in KEYS] for m in first.metrics + second.metrics]
-    assert torch.tensor(resumed).tolist() == torch.tensor([[m[k] for k in KEYS] for m in straight.metrics]).tolist()
-    assert [v for v, _ in first.versions + second.versions] == [v for v, _ in straight.versions]
+    resumed = Recorder()
+    module, dm, trainer = make_run(**OVERLAP, trainer=dict(max_steps=4, callbacks=[resumed]))
+    trainer.fit(module, dm, ckpt_path=str(step2))
+    assert [[m[k] for k in KEYS] for m in resumed.metrics] == [[m[k] for k in KEYS] for m in straight.metrics[2:]]
+    assert [v for v, _ in resumed.versions] == [v for v, _ in straight.versions[2:]]
     for k, v in module.actor.state_dict().items():
         assert torch.equal(v, final[k]), k
