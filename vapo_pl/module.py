@@ -276,7 +276,7 @@ class VAPOModule(pl.LightningModule):
         if self._evaluating:  # vapo-pl validate / test: the policy alone
             self.actor.eval()
         elif self.uses_critic:
-            self.critic = self.build_critic()
+            self.critic = self.build_critic().train()  # as the actor (Lightning warns about eval-mode modules)
             if self.critic_logprob_features and not getattr(self.critic, "uses_logprob_features", False):
                 raise ValueError("model.critic_logprob_features is on, but build_critic() returned a critic without a "
                                  "log-prob head (build it with ValueModel.from_pretrained(..., logprob_features=True))")
