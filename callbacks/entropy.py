@@ -14,16 +14,19 @@ Logged (all ranks' tokens together): ``actor/entropy_mean``, ``actor/entropy_low
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from vapo_pl.common import publish_metrics
 from vapo_pl.common import sum_across_ranks as _sum_across_ranks
+
+log = logging.getLogger(__name__)
 
 # Wang et al. 2025 (arXiv 2506.01939): the median token is below 0.01 nats, the 80th percentile is 0.672.
 LOW_ENTROPY_NATS = 0.01
@@ -108,11 +111,12 @@ class EntropyTracker(pl.Callback):
         self.steps_below += 1
         if self.steps_below >= self.patience and not self.warned:
             self.warned = True
-            rank_zero_warn(
-                f"EntropyTracker: token entropy collapsed: mean {mean:.4g} nats has been below "
-                f"collapse_threshold={self.collapse_threshold} for {self.steps_below} steps (step {step}); "
-                "exploration is dying (consider Clip-Higher, a larger eps_high, or a lower learning rate)"
-            )
+            if rank_zero_only.rank == 0:
+                log.warning(
+                    f"EntropyTracker: token entropy collapsed: mean {mean:.4g} nats has been below "
+                    f"collapse_threshold={self.collapse_threshold} for {self.steps_below} steps (step {step}); "
+                    "exploration is dying (consider Clip-Higher, a larger eps_high, or a lower learning rate)"
+                )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

@@ -262,3 +262,13 @@ def test_tool_call_rate_column_reports_first_and_last_means(tmp_path):
     assert vapo["tool_rate"] == "0.20 -> 0.70" and grpo["tool_rate"] == "—"
     compare.write_outputs(results, [vapo, grpo], tmp_path)
     assert "| 1000 | 0.20 -> 0.70 |" in (tmp_path / "compare.md").read_text()
+
+
+def test_samples_generated_by_each_evaluation_step():
+    """The plot's second panel: value pretraining first, then each RL step's sampling rounds (DAPO draws more than
+    one round a step); results from before the rounds were kept spread their RL samples evenly."""
+    r = {"accuracy": [(0, 0.3), (2, 0.5), (4, 0.8)], "pretrain_steps": 3, "per_round": 10, "max_steps": 4,
+         "sampling_rounds": [(1, 1), (2, 3), (3, 1), (4, 2)], "samples": 10 * (3 + 7)}
+    assert compare.samples_at(r, 999) == [(0, 30), (2, 30 + 40), (4, 30 + 70)]
+    old = {"accuracy": [(0, 0.3), (2, 0.5), (4, 0.8)], "pretrain_steps": 3, "max_steps": 4, "samples": 10 * 3 + 80}
+    assert compare.samples_at(old, 10) == [(0, 30), (2, 70.0), (4, 110.0)]

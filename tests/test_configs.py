@@ -183,6 +183,14 @@ DEFINING = {
         **data(val_files="vapo_pl/data/gsm8k_test.jsonl", val_prompt_key="question", val_answer_after="####"),
         "trainer.callbacks.0.init_args.temperature": 0.0,
     },
+    "quickstart_gsm8k.yaml": {  # one GPU, Qwen2.5-1.5B-Instruct, GSM8K as the hub has it, VAPO's techniques
+        **algo(estimator="gae", lambda_critic=1.0, length_adaptive_alpha=0.05, eps_low=0.2, eps_high=0.28,
+               loss_agg_mode="token-mean", nll_coef=0.1),
+        **data(train_files="data/gsm8k/train.jsonl", val_files="vapo_pl/data/gsm8k_test.jsonl", prompt_key="question",
+               answer_after="####"),
+        "trainer.devices": 1, "trainer.precision": "bf16-mixed", "trainer.accelerator": "gpu",
+        "model.init_args.model_path": "models/Qwen2.5-1.5B-Instruct",
+    },
     "ppo_rm_demo.yaml": {  # RLHF-PPO: the reward model as reward and critic, KL penalty, sample-level loss
         **algo(estimator="gae", lambda_policy=0.95, lambda_critic=0.95, eps_low=0.2, eps_high=0.2,
                loss_agg_mode="seq-mean-token-mean", nll_coef=0.0, kl_reward_coef=0.05),

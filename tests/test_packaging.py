@@ -26,9 +26,13 @@ def test_wheel_maps_callbacks_into_the_package(tmp_path):
     out = tmp_path / "dist"
     code = ("import sys; from setuptools import build_meta as b; "
             f"print(b.build_wheel({str(out)!r}))")
-    name = subprocess.run([sys.executable, "-c", code], cwd=src, check=True, capture_output=True,
-                          text=True).stdout.strip().splitlines()[-1]
+    built = subprocess.run([sys.executable, "-c", code], cwd=src, check=True, capture_output=True, text=True)
+    name = built.stdout.strip().splitlines()[-1]
+    assert "would be ignored" not in built.stdout + built.stderr  # setuptools' banner about unlisted data folders
     files = zipfile.ZipFile(out / name).namelist()
+    for data in ("vapo_pl/data/gsm8k_test.jsonl", "vapo_pl/data/aime24.jsonl", "vapo_pl/data/README.md",
+                 "vapo_pl/demo/data/train.jsonl", "vapo_pl/demo/data/heldout.jsonl"):
+        assert data in files, data
     top = {f.split("/")[0] for f in files if not f.startswith("vapo_pl-")}
     assert top == {"vapo_pl"}, f"top-level names besides vapo_pl: {sorted(top - {'vapo_pl'})}"
     for module in ("__init__", "evaluation", "entropy", "length", "samples", "value_pretraining"):

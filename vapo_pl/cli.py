@@ -36,6 +36,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vapo_pl import quiet
 from vapo_pl.config_checks import ConfigError, check_run_inputs, one_line, validate_run_config
 from vapo_pl.datamodule import RolloutDataModule
 from vapo_pl.module import VAPOModule
@@ -124,6 +125,19 @@ class VAPOCLI(LightningCLI):
             if too_big:
                 self.parser.error(too_big)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+        """The trainer, with the RL-step progress bar unless the config names its own or turns the bar off."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from vapo_pl.progress import RLProgressBar
+
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(cb, ProgressBar) for cb in [*given, *callbacks]):
+            callbacks = [*callbacks, RLProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_classes(self) -> None:
         # Constructors only check and store their arguments (models load in ``configure_model``), so a
         # ValueError here is a configuration mistake, not a crash: report it like the checks above.
@@ -195,6 +209,10 @@ class _FitStarted(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = True
+        if trainer.is_global_zero:
+            from vapo_pl.progress import start_summary
+
+            print(start_summary(trainer, pl_module), flush=True)
 
 
 def _log_dirs(trainer: pl.Trainer) -> list[str]:
@@ -268,12 +286,21 @@ def main(args: list[str] | None = None) -> int:
     while the trainer set up (one line on stderr), 1 when the run stopped itself (``RunStopped``, one line),
     143 when SIGTERM stopped the run (a checkpoint was saved if the run checkpoints). The console-script wrapper
     passes it to ``sys.exit``. ``vapo-pl plan ...`` prints the memory plan instead (``vapo_pl.memory_plan.main``:
-    0 fits, 1 does not, 2 bad input)."""
+    0 fits, 1 does not, 2 bad input); ``vapo-pl data ...`` writes a dataset as jsonl (``vapo_pl.data_prep.main``)."""
     argv = sys.argv[1:] if args is None else list(args)
+    if "--verbose" in argv:  # every third-party message, as vapo_pl.quiet would filter them
+        argv.remove("--verbose")
+        os.environ[quiet.VERBOSE_ENV] = "1"
+        args = argv
+    quiet.install()
     if argv[:1] == ["plan"]:  # vapo-pl plan --config ...: the memory plan (vapo_pl.memory_plan), nothing loads
         from vapo_pl.memory_plan import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] == ["data"]:  # vapo-pl data gsm8k --out ...: a dataset as the DataModule's jsonl (vapo_pl.data_prep)
+        from vapo_pl.data_prep import main as data_main
+
+        return data_main(argv[1:])
     try:
         run(args)
     except _RunFailedEarly as e:

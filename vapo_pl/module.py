@@ -166,6 +166,7 @@ class VAPOModule(pl.LightningModule):
         self.updater = Updater(self)  # minibatches, micro-batch accumulation, clipping, the optimizer step
         self.critic_training = CriticTraining(self)  # value pretraining, critic-only passes, the replay pool
         self.policy_version = 0  # weight syncs sent to the engine; rollouts must carry this version
+        self._mismatch: dict[str, list[float]] = {}  # this fit's mismatch/* metrics, summarised at its end
         self.temperature = 1.0  # set from the DataModule: training log-probs use the sampler's temperature
         self.max_response_length: int | None = None  # set from the DataModule: Dr.GRPO's constant divisor
         # The reference model is frozen and rebuilt from model_path: it is no part of any checkpoint, under every
@@ -276,7 +277,7 @@ class VAPOModule(pl.LightningModule):
         if self._evaluating:  # vapo-pl validate / test: the policy alone
             self.actor.eval()
         elif self.uses_critic:
-            self.critic = self.build_critic()
+            self.critic = self.build_critic().train()  # as the actor (Lightning warns about eval-mode modules)
             if self.critic_logprob_features and not getattr(self.critic, "uses_logprob_features", False):
                 raise ValueError("model.critic_logprob_features is on, but build_critic() returned a critic without a "
                                  "log-prob head (build it with ValueModel.from_pretrained(..., logprob_features=True))")
@@ -354,6 +355,13 @@ class VAPOModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             print(f"RL steps: {self.rl_step}; peak memory (trainer process): {peak_rss_gb():.2f} GB", flush=True)
+            m = self._mismatch
+            if m.get("mismatch/kl_k3"):
+                mean = lambda k: sum(m[k]) / len(m[k])  # noqa: E731
+                print(f"sampler/trainer mismatch over {len(m['mismatch/kl_k3'])} steps: mean |logp diff| "
+                      f"{mean('mismatch/logp_abs_diff_mean'):.2e} (largest {max(m['mismatch/logp_abs_diff_max']):.2e}), "
+                      f"KL k3 {mean('mismatch/kl_k3'):.2e}, ratio outside [0.5, 2] "
+                      f"{mean('mismatch/ratio_outside_share'):.2e} of tokens", flush=True)
 
     def on_train_start(self) -> None:
         self.rollout_data.ensure_weights()
@@ -472,6 +480,9 @@ class VAPOModule(pl.LightningModule):
             self.sync_weights()
         metrics.update(step_metrics(self, batch, prep, adv, rewards, metrics, skipped))
         metrics["rollout/staleness"] = float(staleness)
+        for k, v in metrics.items():
+            if k.startswith("mismatch/"):
+                self._mismatch.setdefault(k, []).append(v)
         metrics.update(timings)
         self.log_metrics(metrics, batch)
         return StepOutput(rollout=batch, entropy=prep.entropy, metrics=metrics)

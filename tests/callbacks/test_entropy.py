@@ -72,14 +72,30 @@ def test_bad_arguments_name_the_argument(kwargs, arg):
 
 
 def _collapse_warnings(cb: EntropyTracker, means: list[float]) -> list[int]:
-    """Steps at which ``update_collapse`` warned."""
+    """Steps at which ``update_collapse`` warned (a one-line log warning, not a Python warning with a path)."""
+    import logging
+
     fired = []
-    for step, m in enumerate(means):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            cb.update_collapse(m, step)
-        if any("collapsed" in str(w.message) for w in caught):
-            fired.append(step)
+    seen: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    logger = logging.getLogger("vapo_pl.callbacks.entropy")
+    handler = Catch(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        for step, m in enumerate(means):
+            before = len(seen)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cb.update_collapse(m, step)
+            assert not caught  # no Python warning (their lines carry a source path)
+            if any("collapsed" in r.getMessage() for r in seen[before:]):
+                fired.append(step)
+    finally:
+        logger.removeHandler(handler)
     return fired
 
 
