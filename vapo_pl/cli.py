@@ -291,8 +291,11 @@ def main(args: list[str] | None = None) -> int:
     if "--verbose" in argv:  # every third-party message, as vapo_pl.quiet would filter them
         argv.remove("--verbose")
         os.environ[quiet.VERBOSE_ENV] = "1"
-        args = argv
+        if "--verbose" in sys.argv:
+            sys.argv.remove("--verbose")
     quiet.install()
+    # the command line itself (the console script, `python -m vapo_pl.cli`, torchrun): let LightningCLI read it
+    args = None if argv == sys.argv[1:] else argv
     if argv[:1] == ["plan"]:  # vapo-pl plan --config ...: the memory plan (vapo_pl.memory_plan), nothing loads
         from vapo_pl.memory_plan import main as plan_main
 

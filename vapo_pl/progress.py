@@ -18,16 +18,26 @@ class RLProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, leave=True)
 
     def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.bar_format = "{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-        return bar
+        import sys
+
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(desc="step", position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+
+    def on_sanity_check_start(self, *_: Any) -> None:
+        """No bar: the run has no validation loop to check (evaluation is a callback)."""
+
+    def on_sanity_check_end(self, *_: Any) -> None:
+        """Nothing to close."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
         bar.n = bar.initial = trainer.global_step  # a resumed run starts where it stopped
-        bar.set_description("step")
+        bar.set_description_str("step")
         bar.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:

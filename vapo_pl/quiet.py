@@ -57,6 +57,7 @@ LIGHTNING_INFO = (
     "HPU available:",
     "Seed set to",
     "You are using a CUDA device",
+    "`Trainer.fit` stopped: `max_steps=",  # the run's own summary follows
 )
 
 
@@ -128,6 +129,8 @@ def install() -> None:
         return
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ and "VLLM_LOGGING_LEVEL" not in os.environ:
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(_vllm_logging_config())
+    if logging.lastResort is not None:  # vLLM logs some of them while it imports, before its own handler exists
+        logging.lastResort.addFilter(DropMessages())
     for pattern in PYTHON_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
     lightning_filter = DropMessages(LIGHTNING_INFO)
