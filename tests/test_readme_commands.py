@@ -34,7 +34,7 @@ STRATEGIES = sorted(p.stem for p in (REPO / "configs" / "strategies").glob("*.ya
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     out = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.DOTALL):
         for line in block.splitlines():
             cmd = re.split(r"\s{2,}#", line)[0].strip()
             if cmd and not cmd.startswith("#"):
@@ -76,7 +76,7 @@ def test_readme_command(cmd, monkeypatch, tmp_path):
     words = cmd.split()
     if words[0] == "make":
         makefile = (REPO / "Makefile").read_text()
-        recipe = re.search(rf"^{re.escape(words[1])}:.*\n((?:\t.*\n)+)", makefile, re.M)
+        recipe = re.search(rf"^{re.escape(words[1])}:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
         assert recipe, f"Makefile has no target {words[1]}"
         body = recipe.group(1)
         if words[1] == "demo":
