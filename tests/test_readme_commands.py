@@ -112,7 +112,7 @@ def test_readme_command(cmd, monkeypatch, tmp_path):
         assert code == 0 and "20 rows" in out and "10 rows" in out
     elif words[:2] == ["vapo-pl", "plan"]:
         r = subprocess.run([sys.executable, "-m", "vapo_pl.cli", *words[1:]], cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, check=False)
         assert r.returncode == 0 and "verdict: fits" in r.stdout, r.stdout + r.stderr
     elif words[:2] == ["vapo-pl", "fit"] and "<s>" in cmd:
         for s in STRATEGIES:
