@@ -126,14 +126,14 @@ class VAPOCLI(LightningCLI):
                 self.parser.error(too_big)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
-        """The trainer, with the RL-step progress bar unless the config names its own or turns the bar off."""
+        """The trainer; ``fit`` gets the RL-step progress bar unless the config names its own or turns the bar off."""
         from lightning.pytorch.callbacks import ProgressBar
 
         from vapo_pl.progress import RLProgressBar
 
         given = config.get("callbacks") or []
         given = given if isinstance(given, list) else [given]
-        if config.get("enable_progress_bar", True) is not False and not any(
+        if getattr(self, "subcommand", None) == "fit" and config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(cb, ProgressBar) for cb in [*given, *callbacks]):
             callbacks = [*callbacks, RLProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
