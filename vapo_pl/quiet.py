@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 VERBOSE_ENV = "VAPO_PL_VERBOSE"
+_installed = False  # the filters below are process-wide: installed once
 
 VLLM_MESSAGES = (
     "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding",
@@ -124,9 +125,11 @@ def _vllm_logging_config() -> Path:
 def install() -> None:
     """Filter the catalogue (unless ``VAPO_PL_VERBOSE``). Call before vLLM, Lightning or transformers log anything:
     the CLI calls it first thing."""
+    global _installed
     logging.getLogger("vapo_pl").addHandler(_project_handler())
-    if verbose():
+    if verbose() or _installed:
         return
+    _installed = True
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ and "VLLM_LOGGING_LEVEL" not in os.environ:
         os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(_vllm_logging_config())
     if logging.lastResort is not None:  # vLLM logs some of them while it imports, before its own handler exists
