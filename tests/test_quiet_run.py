@@ -14,19 +14,14 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.trainer.test_demo_config import smoke_callbacks
 from vapo_pl import quiet
 
 pytestmark = pytest.mark.vllm
 
 
 def _overlay(tmp_path, tiny_model_dir):
-    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    callbacks = demo["trainer"]["callbacks"]
-    for cb in callbacks:
-        if cb["class_path"].endswith("ValuePretraining"):
-            cb["init_args"] = {"steps": 1}
-        if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(every_n_steps=1, max_problems=4, samples_per_prompt=2)
+    callbacks = smoke_callbacks("demo.yaml")
     overlay = tmp_path / "smoke.yaml"
     overlay.write_text(yaml.safe_dump({
         "trainer": {"max_steps": 2, "callbacks": callbacks,

@@ -11,17 +11,23 @@ import yaml
 from tests.conftest import REPO
 
 
-def test_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from vapo_pl.cli import run
-
-    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
-    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    callbacks = demo["trainer"]["callbacks"]
+def smoke_callbacks(config: str) -> list[dict]:
+    """The callbacks of ``configs/<config>`` as written, shrunk for a 2-step smoke run: one value-pretraining step, an
+    evaluation of 4 problems x 2 samples at every step."""
+    callbacks = yaml.safe_load((REPO / "configs" / config).read_text())["trainer"]["callbacks"]
     for cb in callbacks:
         if cb["class_path"].endswith("ValuePretraining"):
             cb["init_args"] = {"steps": 1}
         if cb["class_path"].endswith("Evaluation"):
             cb["init_args"].update(every_n_steps=1, max_problems=4, samples_per_prompt=2)
+    return callbacks
+
+
+def test_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from vapo_pl.cli import run
+
+    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
+    callbacks = smoke_callbacks("demo.yaml")
     overlay = tmp_path / "smoke.yaml"
     overlay.write_text(yaml.safe_dump({
         "trainer": {"max_steps": 2, "callbacks": callbacks, "enable_progress_bar": False,
@@ -49,13 +55,7 @@ def test_tools_demo_config_runs_two_steps(tiny_model_dir, tmp_path, monkeypatch,
     from vapo_pl.cli import run
 
     monkeypatch.chdir(REPO)
-    cfg = yaml.safe_load((REPO / "configs" / "demo_tools.yaml").read_text())
-    callbacks = cfg["trainer"]["callbacks"]
-    for cb in callbacks:
-        if cb["class_path"].endswith("ValuePretraining"):
-            cb["init_args"] = {"steps": 1}
-        if cb["class_path"].endswith("Evaluation"):
-            cb["init_args"].update(every_n_steps=1, max_problems=4, samples_per_prompt=2)
+    callbacks = smoke_callbacks("demo_tools.yaml")
     overlay = tmp_path / "smoke.yaml"
     overlay.write_text(yaml.safe_dump({
         "trainer": {"max_steps": 2, "callbacks": callbacks, "enable_progress_bar": False, "logger": False},
