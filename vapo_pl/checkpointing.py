@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,43 @@ def remove_partial_files(dirpath: str | Path) -> list[Path]:
     if removed:
         log.info("removed %d unfinished checkpoint write(s) from %s", len(removed), d)
     return removed
+
+
+def drop_stale_last_links(dirs: Iterable[str | Path], resume_from: str | Path) -> list[Path]:
+    """Before resuming from ``resume_from``: delete the ``last*.ckpt`` links in ``dirs`` that point anywhere else (the
+    killed run may have left one at an older checkpoint, or at one made after the resumed one) and return the links
+    kept, those to the resumed checkpoint. ``AdoptLastLinks`` hands the kept ones to their ``ModelCheckpoint``, so
+    its next save moves ``last.ckpt`` instead of writing ``last-v1.ckpt``; a resume with nothing left to train saves
+    nothing and keeps them as they are."""
+    target = Path(resume_from).resolve()
+    kept = []
+    for d in dirs:
+        for link in sorted(Path(d).glob("last*.ckpt")):
+            if not link.is_symlink():
+                continue
+            if link.resolve() == target:
+                kept.append(link)
+            else:
+                link.unlink()
+    return kept
+
+
+class AdoptLastLinks(pl.Callback):
+    """Once the resumed checkpoint's callback states are restored: make each kept ``last`` link (``links``, from
+    ``drop_stale_last_links``) the ``last_model_path`` of the ``ModelCheckpoint`` writing into its directory. The
+    restored value can name another file (a checkpoint holds the state from before its own ``last`` save), and
+    Lightning adds a version suffix when ``last.ckpt`` exists and is not its ``last_model_path``."""
+
+    def __init__(self, links: Iterable[Path]) -> None:
+        self.links = list(links)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for cb in trainer.checkpoint_callbacks:
+            if not getattr(cb, "save_last", None) or not getattr(cb, "dirpath", None):
+                continue
+            mine = [link for link in self.links if link.parent.resolve() == Path(cb.dirpath).resolve()]
+            if len(mine) == 1:
+                cb.last_model_path = str(mine[0])
 
 
 def newest_checkpoint(dirpath: str | Path) -> Path | None:

@@ -74,3 +74,29 @@ def test_export_loads_in_transformers_and_vllm(make_run, tmp_path):
     (comp,), = engine.generate([ids], Sampling(n=1, temperature=0.0, max_tokens=8))
     assert comp.token_ids == greedy_hf[: len(comp.token_ids)]
     assert isinstance(pl.__version__, str)
+
+
+def test_resuming_keeps_a_last_link_to_the_resumed_checkpoint_and_drops_the_others(tmp_path):
+    """``--ckpt_path last`` picks ``epoch=0-step=5.ckpt`` over the ``last.ckpt`` link to it: that link must stay (a
+    finished run resumed again saves nothing, and used to lose it); a link elsewhere is dropped. The kept link becomes
+    the ``ModelCheckpoint``'s own, so the next save moves it instead of writing ``last-v1.ckpt``."""
+    from vapo_pl.checkpointing import AdoptLastLinks, drop_stale_last_links
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for step in (4, 5):
+        (ckpt / f"epoch=0-step={step}.ckpt").write_bytes(b"x")
+    (ckpt / "last.ckpt").symlink_to("epoch=0-step=5.ckpt")
+    (ckpt / "last-v1.ckpt").symlink_to("epoch=0-step=4.ckpt")
+    assert drop_stale_last_links([ckpt], ckpt / "epoch=0-step=5.ckpt") == [ckpt / "last.ckpt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
+    assert drop_stale_last_links([ckpt], ckpt / "last.ckpt") == [ckpt / "last.ckpt"]  # resuming from the link itself
+    assert drop_stale_last_links([ckpt], ckpt / "epoch=0-step=4.ckpt") == []
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt"]
+
+    (ckpt / "last.ckpt").symlink_to("epoch=0-step=5.ckpt")
+    cb = ModelCheckpoint(dirpath=ckpt, save_last="link")
+    cb.last_model_path = str(ckpt / "last-v1.ckpt")  # what a restored state can say
+    trainer = pl.Trainer(callbacks=[cb], logger=False, enable_progress_bar=False)
+    AdoptLastLinks(drop_stale_last_links([ckpt], ckpt / "epoch=0-step=5.ckpt")).on_train_start(trainer, None)
+    assert cb.last_model_path == str(ckpt / "last.ckpt")
