@@ -166,7 +166,7 @@ class LaunchProbe(pl.Callback):
             torch.save(final, self.out / "actor_final.pt")
         dm = trainer.datamodule
         record = {
-            "global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
+            "pid": os.getpid(), "global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
             "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
             "root_device": str(trainer.strategy.root_device),
             "backend": str(dist.get_backend()) if dist.is_initialized() else None,

@@ -6,6 +6,7 @@ adapters train, and every base weight ends exactly as the checkpoint holds it.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ def test_lora_trains_under_the_strategy_from_the_cli(tiny_model_dir, tmp_path, s
     overlay.write_text(json.dumps(cfg))
     result = launch(f"{strategy}/lora", run, "lightning", _readme_args(strategy, overlay))
     ranks = result.ranks()
+    for r in ranks:  # each rank's engine deleted the adapters it served at exit
+        assert not list(Path("/dev/shm").glob(f"vapo_lora_{r['pid']}_*")), r["global_rank"]
     _assert_ranks_agree(ranks, STEPS)
     digests = [ranks[0]["start"]["actor"]] + [s["actor"] for s in ranks[0]["steps"]]
     assert len(set(digests)) == STEPS + 1  # every step changed the (adapted) actor

@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator
 from operator import attrgetter
 from pathlib import Path
@@ -291,7 +292,9 @@ class VLLMEngine(RolloutEngine):
             raise RuntimeError("load_adapter: the engine was built without enable_lora")
         if self._lora_dir is None:
             root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-            self._lora_dir = tempfile.mkdtemp(prefix="vapo_lora_", dir=root)
+            self._lora_dir = tempfile.mkdtemp(prefix=f"vapo_lora_{os.getpid()}_", dir=root)
+            # removed with the engine, or at interpreter exit (in /dev/shm the adapters hold memory until deleted)
+            self._lora_cleanup = weakref.finalize(self, shutil.rmtree, self._lora_dir, True)
         final = os.path.join(self._lora_dir, f"v{version}")
         tmp = tempfile.mkdtemp(prefix=f".v{version}-", dir=self._lora_dir)
         save_file({k: t.detach().contiguous().cpu() for k, t in items}, os.path.join(tmp, "adapter_model.safetensors"))
@@ -309,8 +312,9 @@ class VLLMEngine(RolloutEngine):
         self.version += 1
 
     def close_adapters(self) -> None:
+        """Delete the served adapters' directory now (it is deleted with the engine or at exit otherwise)."""
         if self._lora_dir is not None:
-            shutil.rmtree(self._lora_dir, ignore_errors=True)
+            self._lora_cleanup()
             self._lora_dir = None
 
     def sleep(self) -> None:
