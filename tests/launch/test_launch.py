@@ -1,7 +1,7 @@
 """The multi-process launch commands a user types, run as subprocesses on 2 CPU processes (gloo) with real vLLM.
 
 The README's one-node command (``vapo-pl fit --config configs/demo.yaml --config configs/strategies/<s>.yaml
---trainer.devices 2``) for each shipped strategy config, started by Lightning's own launcher; the same configs
+--trainer.devices 2``) for each shipped strategy config, started by Lightning's own launcher; FSDP2 and ZeRO-3
 resumed under ``torchrun -m vapo_pl.cli``; a SLURM-style start (two processes with the variables ``srun`` sets, and
 nothing else); and two "nodes" on this machine (two ``torchrun --nnodes 2`` agents, one process each, with
 ``--trainer.num_nodes 2``), where global, local and node rank differ.
@@ -12,13 +12,15 @@ base policy, 3 RL steps of 4 prompts x 4 samples, value pretraining for one step
 every step, and the device of every collective's tensors). Nothing is set up for the run that the CLI would not set
 up itself: the environment holds only what the launcher in question provides.
 
-Runs (12 launches, 45-90 s each on 2 cores; all in one module fixture, in this order):
+Runs (10 launches, 30-60 s each on 2 cores; all in one module fixture, in this order):
 - for ``ddp``, ``fsdp2`` (with a KL loss, so a reference model is loaded), ``deepspeed_zero2`` (saving its pretrained
   critic) and ``deepspeed_zero3`` (loading that critic through ``ValuePretraining(load_path=...)``): a fresh 3-step
-  run under Lightning's launcher, then ``torchrun`` resuming its step-2 checkpoint to step 3;
+  run under Lightning's launcher, then for ``fsdp2`` and ``deepspeed_zero3`` ``torchrun`` resuming its step-2
+  checkpoint to step 3 (``RESUMED``);
 - ``fsdp2`` with the transformers engine generating from the sharded actor (``data.engine.kind: hf``);
 - ``ddp`` with one vLLM engine split over both ranks (``data.engine.tensor_parallel_size 2``);
-- ``ddp`` started SLURM-style, and ``ddp`` over two torchrun nodes, each a fresh 3-step run.
+- ``ddp`` started SLURM-style, and ``ddp`` over two torchrun nodes, each resuming the ``ddp`` run's step-2
+  checkpoint to step 3.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ TIMEOUT_S = 420
 WORLD = 2
 STEPS = 3
 STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+# resumed under single-node torchrun; DDP's resumes are the SLURM-style and two-node (torchrun) starts, and ZeRO-2
+# loads its checkpoint through the same DeepSpeed engine call as ZeRO-3, whose partitioned weights are the harder case
+RESUMED = ("fsdp2", "deepspeed_zero3")
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")
 
@@ -215,6 +220,8 @@ def launches(tiny_model_dir, tmp_path_factory) -> dict[str, Launch]:
         overlay = _overlay(run, tiny_model_dir, strategy, critic)
         fresh = launch(f"{strategy}/lightning", run, "lightning", _readme_args(strategy, overlay))
         out[f"{strategy}/lightning"] = fresh
+        if strategy not in RESUMED:
+            continue
         resumed_run = root / f"{strategy}_torchrun_resume"
         resumed_run.mkdir()
         resumed_overlay = _overlay(resumed_run, tiny_model_dir, strategy, critic)
@@ -235,11 +242,12 @@ def launches(tiny_model_dir, tmp_path_factory) -> dict[str, Launch]:
     out["ddp_tp2/lightning"] = launch("ddp_tp2/lightning", run, "lightning",
                                       [*_readme_args("ddp", _overlay(run, tiny_model_dir, "ddp", critic)),
                                        "--data.init_args.engine.tensor_parallel_size", "2"])
-    for how in ("slurm", "two_nodes"):
+    for how in ("slurm", "two_nodes"):  # each resumes the one-node DDP run's step-2 checkpoint
         run = root / f"ddp_{how}"
         run.mkdir()
-        out[f"ddp/{how}"] = launch(f"ddp/{how}", run, how, _readme_args("ddp", _overlay(run, tiny_model_dir, "ddp",
-                                                                                         critic)))
+        out[f"ddp/{how}"] = launch(f"ddp/{how}", run, how,
+                                   [*_readme_args("ddp", _overlay(run, tiny_model_dir, "ddp", critic)),
+                                    "--ckpt_path", str(out["ddp/lightning"].run / "ckpt" / "step2.ckpt")])
     out["_critic"] = critic  # type: ignore[assignment]
     yield out
     shutil.rmtree(root, ignore_errors=True)
@@ -286,10 +294,11 @@ def test_readme_command_under_lightnings_launcher(launches, strategy):
                 assert len(comms) == 4 and comms[0] == comms[2] == 0 and comms[1] > 0 and comms[3] > 0, comms
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", RESUMED)
 def test_torchrun_resumes_to_the_same_step(launches, strategy):
     """``torchrun ... -m vapo_pl.cli fit ... --ckpt_path step2.ckpt`` restores step 2 (the FSDP2 run carries a
-    reference model whose weights are not in the checkpoint) and its step 3 is bit-identical to the unbroken run's."""
+    reference model whose weights are not in the checkpoint) and its step 3 is bit-identical to the unbroken run's.
+    (DDP's torchrun resume is the two-node start, ``test_other_launchers_resume_what_lightnings_launcher_trained``.)"""
     fresh = launches[f"{strategy}/lightning"].ranks()
     resumed = launches[f"{strategy}/torchrun_resume"].ranks()
     _assert_ranks_agree(resumed, 1)
@@ -332,13 +341,16 @@ def test_tensor_parallel_engine_over_two_ranks(launches):
 
 
 @pytest.mark.parametrize("how", ["slurm", "two_nodes"])
-def test_other_launchers_train_what_lightnings_launcher_trains(launches, how):
-    """SLURM-style and two-node starts train the same 3 steps, bit for bit, as the one-node DDP run; in the two-node
-    run global rank 1 is local rank 0 on node 1."""
+def test_other_launchers_resume_what_lightnings_launcher_trained(launches, how):
+    """SLURM-style and two-node (torchrun) starts resume the one-node DDP run's step-2 checkpoint: they restore step 2
+    and train step 3 bit for bit as the unbroken run did, ending with the same weights; in the two-node run global
+    rank 1 is local rank 0 on node 1."""
     ranks = launches[f"ddp/{how}"].ranks()
-    _assert_ranks_agree(ranks, STEPS)
+    _assert_ranks_agree(ranks, 1)
     reference = launches["ddp/lightning"].ranks()
-    assert ranks[0]["steps"] == reference[0]["steps"]
+    assert ranks[0]["start"]["actor"] == reference[0]["steps"][1]["actor"]  # restored step 2
+    assert ranks[0]["start"]["critic"] == reference[0]["steps"][1]["critic"]
+    assert ranks[0]["steps"][0] == reference[0]["steps"][2]
     final = torch.load(launches[f"ddp/{how}"].run / "probe" / "actor_final.pt", weights_only=True)
     ref_final = torch.load(launches["ddp/lightning"].run / "probe" / "actor_final.pt", weights_only=True)
     assert final.keys() == ref_final.keys()
@@ -346,6 +358,7 @@ def test_other_launchers_train_what_lightnings_launcher_trains(launches, how):
     if how == "two_nodes":
         rank1 = next(r for r in ranks if r["global_rank"] == 1)
         assert (rank1["local_rank"], rank1["node_rank"]) == (0, 1)
+        assert [r["env"]["RANK"] for r in sorted(ranks, key=lambda r: r["global_rank"])] == ["0", "1"]  # torchrun's
     else:
         assert [r["env"]["SLURM_PROCID"] for r in sorted(ranks, key=lambda r: r["global_rank"])] == ["0", "1"]
     _assert_collectives_on_served_devices(ranks)
