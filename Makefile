@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 # The embedded default: build (or reuse) the tiny base policy, then train it with VAPO on CPU.
 demo: $(STAMP)

@@ -9,6 +9,25 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _pin_xdist_worker() -> None:
+    """Under ``pytest -n N`` (``make test``) each worker, and every process it starts, keeps to its own share of the
+    cores, with as many OpenMP threads as it has cores, vLLM's bound to them: two workers spreading busy-waiting
+    OpenMP threads over the same cores stall each other several times over."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return
+    mine = cores[int(worker.removeprefix("gw")) % count::count]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+
+
+_pin_xdist_worker()
+
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -92,3 +111,17 @@ def refuse_model_loads(monkeypatch):
     monkeypatch.setattr(vapo_pl.rollout.factory, "build_engine", refuse("build_engine"))
     return calls
 
+
+
+# The files that take minutes (several processes each), longest first. ``make test`` runs two workers, each taking
+# whole files (``--dist loadfile``) in collection order: these start first, so neither worker is left with one of
+# them while the other has finished.
+LONG_FILES = ("tests/launch/test_launch.py", "tests/faults/test_kill_and_resume.py", "tests/launch/test_lora_launch.py",
+              "tests/trainer/test_overlap.py", "tests/distributed/", "tests/test_quiet_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def order(item):
+        return next((i for i, prefix in enumerate(LONG_FILES) if item.nodeid.startswith(prefix)), len(LONG_FILES))
+
+    items.sort(key=order)  # stable: the rest keep their order

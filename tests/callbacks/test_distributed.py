@@ -77,8 +77,11 @@ def _worker(rank: int, world: int, root: str) -> None:
 
 @pytest.mark.distributed
 def test_reductions_across_two_ranks_equal_one_process(tmp_path):
-    # fork: the children inherit the imported modules instead of importing torch and lightning again
-    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # fork (the children inherit the imported modules instead of importing torch and lightning again), unless an
+    # in-process vLLM engine earlier in this test process made its one-rank default group (and its threads): a forked
+    # child would inherit both, so then spawn (the children import torch and the callbacks afresh)
+    method = "spawn" if dist.is_initialized() else "fork"
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method=method)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     # Evaluation: problems dealt round-robin, every problem once, and the same metrics as one process
