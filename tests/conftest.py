@@ -112,7 +112,6 @@ def refuse_model_loads(monkeypatch):
     return calls
 
 
-
 # The files that take minutes (several processes each), longest first. ``make test`` runs two workers, each taking
 # whole files (``--dist loadfile``) in collection order: these start first, so neither worker is left with one of
 # them while the other has finished.
